@@ -1,0 +1,34 @@
+"""Fixtures of the integration tests: a real-sshd lab of ESXi hosts (vmflab)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmflab import Lab
+
+
+def lab_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root"
+    missing = [
+        tool for tool in ("unshare", "sshd", "ssh", "ssh-keygen", "gcc") if not shutil.which(tool)
+    ]
+    if missing and not (missing == ["sshd"] and Path("/usr/sbin/sshd").exists()):
+        return f"the lab needs {', '.join(missing)}"
+    return None
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A started 3-host lab (esx1, esx2, esx3); every process of it is killed afterwards,
+    whether the test passed or not."""
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Lab(tmp_path / "lab") as started:
+        yield started

@@ -1,0 +1,243 @@
+"""Fencing through the real daemon on the real-sshd lab: the safety rules, checked on the hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from vmflab import Lab
+from vmflab.daemon import LabDaemon
+
+pytestmark = pytest.mark.integration
+
+ALIASES = {"node1": "gfs-node1", "node2": "gfs-node2", "node3": "gfs-node3"}
+
+
+@pytest.fixture
+def daemon(lab: Lab) -> Iterator[LabDaemon]:
+    with LabDaemon(lab, aliases=ALIASES) as running:
+        yield running
+
+
+def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
+    return daemon.request({"op": "fence", "vm": vm, "action": action})
+
+
+def test_off_kills_exactly_the_target_and_confirms(lab: Lab) -> None:
+    esx1, esx2 = lab.hosts["esx1"], lab.hosts["esx2"]
+    target = esx1.start_vm("gfs-node1")
+    bystander = esx1.start_vm("gfs-node3")
+    other = esx2.start_vm("gfs-node2")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        reply = fence(daemon, "node1")
+        assert reply["ok"], reply
+        result = reply["result"]
+        assert (result["outcome"], result["host"], result["cartel"]) == ("killed", "esx1", target)
+        assert result["joined"] is False
+        # The daemon's word is checked against the host's real process table.
+        assert not esx1.pid_alive(target)
+        assert esx1.pid_alive(bystander)
+        assert esx2.pid_alive(other)
+        assert esx1.vm_pids() == {"gfs-node3": bystander}
+        # Fencing it again: every host answers, none runs it.
+        again = fence(daemon, "gfs-node1")
+        assert again["ok"] and again["result"]["outcome"] == "already_off", again
+
+
+def test_vm_moved_after_inventory_is_found_and_killed(lab: Lab) -> None:
+    esx1, esx3 = lab.hosts["esx1"], lab.hosts["esx3"]
+    esx1.start_vm("gfs-node1")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        esx1.stop_vm("gfs-node1")
+        esx1.unregister_vm("gfs-node1")
+        moved = esx3.start_vm("gfs-node1")
+        reply = fence(daemon, "node1")
+        assert reply["ok"], reply
+        assert (reply["result"]["host"], reply["result"]["cartel"]) == ("esx3", moved)
+        assert not esx3.pid_alive(moved)
+
+
+def test_reused_cartel_is_never_killed(lab: Lab) -> None:
+    esx1 = lab.hosts["esx1"]
+    old = esx1.start_vm("gfs-node1")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        esx1.stop_vm("gfs-node1")
+        esx1.set_next_pid(old)
+        intruder = esx1.start_vm("gfs-node2")
+        assert intruder == old  # the map's cartel now belongs to another VM
+        reply = fence(daemon, "node1")
+        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
+        assert esx1.pid_alive(intruder)
+
+
+def test_reused_cartel_by_an_unrelated_process_is_never_killed(lab: Lab) -> None:
+    esx1 = lab.hosts["esx1"]
+    old = esx1.start_vm("gfs-node1")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        esx1.stop_vm("gfs-node1")
+        esx1.set_next_pid(old)
+        pid = int(esx1.ssh("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").stdout)
+        assert pid == old
+        reply = fence(daemon, "node1")
+        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
+        assert esx1.pid_alive(pid)
+
+
+def test_dead_host_fails_the_fence_then_recovers(lab: Lab) -> None:
+    esx2 = lab.hosts["esx2"]
+    vm = esx2.start_vm("gfs-node2")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        esx2.stop_sshd()
+        reply = fence(daemon, "node2")
+        assert not reply["ok"], reply
+        assert reply["error"]["code"] == "fence_failed"
+        assert "esx2" in reply["error"]["message"]
+        # Any VM could be on the dead host: a VM that runs nowhere reachable is not "off".
+        reply = fence(daemon, "gfs-node1-never-started")
+        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+        assert wait_for(lambda: daemon.host_state("esx2") == "down")
+        esx2.start_sshd()
+        assert esx2.pid_alive(vm)
+        assert wait_for(lambda: daemon.host_state("esx2") == "up")
+        reply = fence(daemon, "node2")
+        assert reply["ok"] and reply["result"]["outcome"] == "killed", reply
+        assert not esx2.pid_alive(vm)
+
+
+def test_concurrent_fences_of_one_vm_run_once(lab: Lab) -> None:
+    esx1 = lab.hosts["esx1"]
+    vm = esx1.start_vm("gfs-node1")
+    with LabDaemon(lab, aliases=ALIASES) as daemon, ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: fence(daemon, "node1"), range(8)))
+    assert all(r["ok"] for r in replies), replies
+    started = [
+        r for r in replies if not r["result"]["joined"] and r["result"]["outcome"] == "killed"
+    ]
+    assert len(started) == 1
+    assert all(r["result"]["outcome"] in ("killed", "already_off") for r in replies)
+    assert not esx1.pid_alive(vm)
+
+
+def test_unknown_vm(daemon: LabDaemon) -> None:
+    reply = fence(daemon, "no-such-vm")
+    assert reply["error"]["code"] == "unknown_vm"
+    assert reply["error"]["vm"] == "no-such-vm"
+
+
+def test_vm_status_is_live(lab: Lab) -> None:
+    esx1 = lab.hosts["esx1"]
+    esx1.start_vm("gfs-node1")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        on = daemon.request({"op": "vm_status", "vm": "node1"})
+        assert on["result"]["state"] == "on" and on["result"]["host"] == "esx1"
+        esx1.stop_vm("gfs-node1")  # behind the daemon's back: the cache still says on
+        off = daemon.request({"op": "vm_status", "vm": "node1"})
+        assert off["result"]["state"] == "off", off
+
+
+def test_on_and_reboot(lab: Lab) -> None:
+    esx2 = lab.hosts["esx2"]
+    esx2.create_vm("gfs-node2")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        reply = fence(daemon, "node2", "on")
+        assert reply["ok"] and reply["result"]["outcome"] == "powered_on", reply
+        first = esx2.vm_pids()["gfs-node2"]
+        assert reply["result"]["cartel"] == first
+        reply = fence(daemon, "node2", "reboot")
+        assert reply["ok"] and reply["result"]["outcome"] == "rebooted", reply
+        assert not esx2.pid_alive(first)
+        second = esx2.vm_pids()["gfs-node2"]
+        assert second != first and reply["result"]["cartel"] == second
+
+
+def test_status_lists_hosts_and_vms(lab: Lab) -> None:
+    lab.hosts["esx1"].start_vm("gfs-node1", world_offset=2)
+    lab.hosts["esx3"].create_vm("gfs-node3")
+    with LabDaemon(lab, aliases=ALIASES) as daemon:
+        status = daemon.status()
+    assert [h["name"] for h in status["hosts"]] == ["esx1", "esx2", "esx3"]
+    assert all(h["state"] == "up" and h["rtt_ms"] is not None for h in status["hosts"])
+    vms = {vm["name"]: vm for vm in status["vms"]}
+    assert vms["gfs-node1"]["alias"] == "node1" and vms["gfs-node1"]["state"] == "on"
+    assert vms["gfs-node1"]["world"] == vms["gfs-node1"]["cartel"] + 2
+    assert vms["gfs-node3"]["state"] == "off" and vms["gfs-node3"]["host"] == "esx3"
+
+
+def raw_exchange(path: str, payload: bytes) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_bad_requests_get_errors_and_others_are_still_served(daemon: LabDaemon) -> None:
+    path = str(daemon.socket)
+    replies = raw_exchange(path, b'garbage\n{"op":"nope","id":1}\n{"op":"status","id":2}\n')
+    assert [r.get("error", {}).get("code") for r in replies] == ["bad_request", "unknown_op", None]
+    assert replies[2]["id"] == 2 and replies[2]["ok"]
+    (too_large,) = raw_exchange(path, b'{"op":"status","pad":"' + b"x" * 70000 + b'"}\n')
+    assert too_large["error"]["code"] == "too_large"
+    assert daemon.status()["daemon"]["pid"] == daemon.proc.pid if daemon.proc else False
+
+
+def ask_as(uid: int, path: str) -> bytes:
+    """One status request from a forked child running as `uid`; returns the reply line."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(path)
+                sock.sendall(b'{"op":"status"}\n')
+                os.write(write_end, sock.makefile("rb").readline())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return data
+
+
+def test_unauthorised_uid_is_refused(lab: Lab) -> None:
+    with LabDaemon(lab, daemon={"socket_mode": "0666"}) as daemon:
+        daemon.dir.chmod(0o711)
+        reply = json.loads(ask_as(65534, str(daemon.socket)))
+        assert reply["error"]["code"] == "permission_denied"
+        assert "uid 65534" in reply["error"]["message"]
+        # Root's own request on another connection is still served.
+        assert daemon.status()["hosts"]
+
+
+def test_socket_file_mode(daemon: LabDaemon) -> None:
+    assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
+
+
+def wait_for(condition: Any, timeout: float = 15) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
+    return False

@@ -1,0 +1,186 @@
+"""Configuration: frozen pydantic models read from TOML, and the checks that need the filesystem."""
+
+from __future__ import annotations
+
+import grp
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vmfenced.errors import ConfigError
+
+DEFAULT_SOCKET = Path("/run/vmfenced/vmfenced.sock")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class DaemonConfig(_Frozen):
+    socket: Path = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    inventory_interval: Annotated[float, Field(ge=1, le=86400)] = 30
+    fence_timeout: Annotated[float, Field(gt=0, le=600)] = 10
+    shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 15
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        # TOML has no octal strings users would write naturally; "0660" must not become 660.
+        if isinstance(value, str):
+            try:
+                value = int(value, 8)
+            except ValueError:
+                raise ValueError(f"must be an octal string like '0660', not {value!r}") from None
+        if isinstance(value, int) and not 0 <= value <= 0o777:
+            raise ValueError("must be between 0000 and 0777")
+        return value
+
+    @field_validator("socket")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class SSHConfig(_Frozen):
+    username: Annotated[str, Field(min_length=1, max_length=64)] = "root"
+    client_keys: Annotated[tuple[Path, ...], Field(min_length=1)] = (
+        Path("/etc/vmfenced/id_ed25519"),
+    )
+    known_hosts: Path = Path("/etc/vmfenced/known_hosts")
+    connect_timeout: Seconds = 5
+    keepalive_interval: Seconds = 1
+    keepalive_count_max: Annotated[int, Field(ge=1, le=100)] = 3
+
+
+class HostConfig(_Frozen):
+    name: Annotated[str, Field(pattern=_NAME)]
+    address: Annotated[str, Field(min_length=1, max_length=255)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    kind: Literal["esxi"] = "esxi"
+    # Per-host overrides of [ssh]; None means "use the default".
+    username: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    client_keys: Annotated[tuple[Path, ...], Field(min_length=1)] | None = None
+    known_hosts: Path | None = None
+    connect_timeout: Seconds | None = None
+    keepalive_interval: Seconds | None = None
+    keepalive_count_max: Annotated[int, Field(ge=1, le=100)] | None = None
+
+
+_SSH_KEYS = tuple(SSHConfig.model_fields)
+
+
+class Config(_Frozen):
+    daemon: DaemonConfig = DaemonConfig()
+    ssh: SSHConfig = SSHConfig()
+    hosts: tuple[HostConfig, ...]
+    aliases: dict[Annotated[str, Field(min_length=1, max_length=256)], str] = {}
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        if not self.hosts:
+            raise ValueError("hosts: at least one [[hosts]] entry is needed")
+        seen: dict[str, int] = {}
+        endpoints: dict[tuple[str, int], str] = {}
+        for host in self.hosts:
+            if host.name in seen:
+                raise ValueError(f"hosts: name {host.name!r} is used twice")
+            seen[host.name] = 1
+            endpoint = (host.address, host.port)
+            if endpoint in endpoints:
+                raise ValueError(
+                    f"hosts: {host.name!r} and {endpoints[endpoint]!r} both use "
+                    f"{host.address}:{host.port}"
+                )
+            endpoints[endpoint] = host.name
+        for alias, vm in self.aliases.items():
+            if not vm or len(vm) > 256:
+                raise ValueError(f"aliases.{alias}: VM name must be 1 to 256 characters")
+        return self
+
+    def ssh_for(self, host: HostConfig) -> SSHConfig:
+        overrides = {k: getattr(host, k) for k in _SSH_KEYS if getattr(host, k) is not None}
+        return self.ssh.model_copy(update=overrides)
+
+    def host(self, name: str) -> HostConfig:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+
+def _where(loc: tuple[int | str, ...], data: Any) -> str:
+    """Name the key like the user wrote it: hosts[1] (esx2).port."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            if isinstance(node, list) and 0 <= part < len(node):
+                node = node[part]
+                if isinstance(node, dict) and isinstance(node.get("name"), str):
+                    out += f" ({node['name']})"
+            else:
+                node = None
+        else:
+            out += f".{part}" if out else part
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def parse(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            if err["loc"]:
+                message = f"{_where(tuple(err['loc']), data)}: {message}"
+            problems.append(message)
+        raise ConfigError(source, problems) from None
+
+
+def load(path: Path) -> Config:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse(data, str(path))
+
+
+def check_environment(config: Config) -> list[str]:
+    """What a config needs from this machine: readable keys and known_hosts, an existing group."""
+    problems: list[str] = []
+    files: dict[Path, str] = {}
+    for host in config.hosts:
+        ssh = config.ssh_for(host)
+        for key in ssh.client_keys:
+            files.setdefault(key, f"client key of {host.name}")
+        files.setdefault(ssh.known_hosts, f"known_hosts of {host.name}")
+    for path, what in files.items():
+        if not path.is_file():
+            problems.append(f"{what}: {path} does not exist or is not a file")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{what}: {path} is not readable")
+    group = config.daemon.socket_group
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            problems.append(f"daemon.socket_group: no group named {group!r}")
+    return problems

@@ -1,0 +1,252 @@
+"""`vmfencectl`: look at and drive the vmfenced daemon from a shell.
+
+    vmfencectl [--socket PATH] [--timeout S] status [--json]
+    vmfencectl [--socket PATH] list [--json]
+    vmfencectl [--socket PATH] vm-status VM [--json]
+    vmfencectl [--socket PATH] fence VM [--action off|on|reboot] [--json]
+
+Exit status: 0 success, 1 the daemon failed or could not be reached, 2 usage error.
+Standard library only, like the fence agent: it starts as a new process on every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TextIO
+
+from vmfenced import __version__
+from vmfenced.client import (
+    DEFAULT_SOCKET,
+    FENCE_ACTIONS,
+    Client,
+    ClientError,
+    DaemonError,
+    JsonObject,
+    parse_fence,
+    parse_list,
+    parse_status,
+    parse_vm_status,
+    vm_name_problem,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+DEFAULT_TIMEOUT_S = 30.0
+
+Clock = Callable[[], float]
+
+
+class UsageError(Exception):
+    """Bad arguments: exit status 2, nothing sent."""
+
+
+class _Exit(Exception):
+    """argparse finished early (--help, --version) with this status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints and exits; raising instead keeps `run` free of exits.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            self._print_message(message, sys.stderr)
+        raise _Exit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vmfencectl", description="Query and drive the vmfenced daemon.")
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for each reply (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument("--version", action="version", version=f"vmfencectl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the daemon's result as JSON")
+    sub.add_parser("status", parents=[common], help="hosts and VMs as the daemon sees them")
+    sub.add_parser("list", parents=[common], help="every known VM with its alias and state")
+    vm_status = sub.add_parser("vm-status", parents=[common], help="ask the hosts live")
+    vm_status.add_argument("vm", metavar="VM")
+    fence = sub.add_parser("fence", parents=[common], help="fence a VM")
+    fence.add_argument("vm", metavar="VM")
+    fence.add_argument("--action", choices=FENCE_ACTIONS, default="off")
+    return parser
+
+
+def _clean(text: object) -> str:
+    """A table cell: control characters escaped so one VM name cannot forge lines."""
+    value = "-" if text is None else str(text)
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value) or "-"
+
+
+def format_age(seconds: float | None) -> str:
+    """A duration the way people read it: 42s, 5m07s, 3h12m, 2d04h."""
+    if seconds is None:
+        return "-"
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(header)] + [[_clean(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def render_status(result: JsonObject, now: float) -> str:
+    status = parse_status(result)
+    d = status.daemon
+    head = f"vmfenced {_clean(d.version)}, pid {d.pid}, up {format_age(d.uptime_s)}\n\n"
+    hosts = table(
+        ("HOST", "ADDRESS", "STATE", "SINCE", "RTT", "INVENTORY", "VMS", "REASON"),
+        [
+            (
+                h.name,
+                _endpoint(h.address, h.port),
+                h.state,
+                "-" if h.since is None else format_age(now - h.since) + " ago",
+                "-" if h.rtt_ms is None else f"{h.rtt_ms:.2f} ms",
+                "-" if h.inventory_age_s is None else format_age(h.inventory_age_s) + " ago",
+                h.vm_count,
+                h.reason if h.state != "up" else None,
+            )
+            for h in status.hosts
+        ],
+    )
+    vms = table(
+        ("VM", "ALIAS", "HOST", "STATE", "CARTEL"),
+        [(v.name, v.alias, v.host, v.state, v.cartel) for v in status.vms],
+    )
+    return head + hosts + "\n" + vms
+
+
+def render_list(result: JsonObject) -> str:
+    return table(
+        ("VM", "ALIAS", "HOST", "STATE"),
+        [(v.name, v.alias, v.host, v.state) for v in parse_list(result)],
+    )
+
+
+def render_vm_status(result: JsonObject) -> str:
+    s = parse_vm_status(result)
+    where = f" on {_clean(s.host)}" if s.host else ""
+    cartel = f" (cartel {s.cartel})" if s.cartel is not None else ""
+    return f"{_clean(s.vm)}: {s.state}{where}{cartel}\n"
+
+
+def render_fence(result: JsonObject) -> str:
+    f = parse_fence(result)
+    parts = [f"{_clean(f.vm)}: {f.action} -> {_clean(f.outcome)}"]
+    if f.host:
+        parts.append(f"on {_clean(f.host)}")
+    if f.cartel is not None:
+        parts.append(f"(cartel {f.cartel})")
+    if f.elapsed_ms is not None:
+        parts.append(f"in {f.elapsed_ms:.1f} ms")
+    if f.joined:
+        parts.append("[joined a fence already in flight]")
+    text = " ".join(parts) + "\n"
+    if f.warning:
+        text += f"warning: {_clean(f.warning)}\n"
+    return text
+
+
+def _request(client: Client, args: argparse.Namespace) -> JsonObject:
+    if args.command == "status":
+        return client.call("status")
+    if args.command == "list":
+        return client.call("list")
+    if args.command == "vm-status":
+        return client.call("vm_status", vm=args.vm)
+    return client.call("fence", vm=args.vm, action=args.action)
+
+
+def _render(args: argparse.Namespace, result: JsonObject, now: float) -> str:
+    if args.json:
+        return json.dumps(result, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    if args.command == "status":
+        return render_status(result, now)
+    if args.command == "list":
+        return render_list(result)
+    if args.command == "vm-status":
+        return render_vm_status(result)
+    return render_fence(result)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    args = parser.parse_args(list(argv))
+    if getattr(args, "vm", None) is not None:
+        problem = vm_name_problem(args.vm)
+        if problem is not None:
+            raise UsageError(problem)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError("--timeout must be a positive number of seconds")
+    return args
+
+
+def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO, *, clock: Clock = time.time) -> int:
+    """The whole command, without exiting: returns the exit status."""
+    parser = build_parser()
+    try:
+        args = _parse(parser, argv)
+    except _Exit as exc:
+        return exc.status
+    except UsageError as exc:
+        stderr.write(parser.format_usage())
+        stderr.write(f"vmfencectl: error: {exc}\n")
+        return EXIT_USAGE
+    try:
+        with Client(args.socket, timeout_s=args.timeout) as client:
+            result = _request(client, args)
+            stdout.write(_render(args, result, clock()))
+    except DaemonError as exc:
+        stderr.write(f"vmfencectl: daemon error {_clean(exc)}\n")
+        return EXIT_FAILED
+    except ClientError as exc:
+        stderr.write(f"vmfencectl: {_clean(exc)}\n")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main() -> None:
+    try:
+        code = run(sys.argv[1:], sys.stdout, sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `vmfencectl status | head`: stop quietly, without a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_FAILED
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""A hypervisor host: its two lanes (fence, inventory) and the backend's commands run over them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import asyncssh
+import structlog
+
+from vmfenced.backends import Backend
+from vmfenced.config import HostConfig, SSHConfig
+from vmfenced.errors import LinkError, ParseError
+from vmfenced.link import Lane
+from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM
+
+HostListener = Callable[["Host", Lane], None]
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
+
+
+class Host:
+    """Two connections per host so a fence never queues behind a slow inventory listing."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        ssh: SSHConfig,
+        backend: Backend,
+        client_keys: list[asyncssh.SSHKey],
+        on_change: HostListener,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.backend = backend
+        self.rtt: float | None = None
+
+        def listener(lane: Lane) -> None:
+            on_change(self, lane)
+
+        lane_args: dict[str, Any] = {
+            "setup": backend.session_setup,
+            "client_keys": client_keys,
+            "on_change": listener,
+        }
+        self.fence = Lane(config, ssh, "fence", **lane_args)
+        self.inventory = Lane(config, ssh, "inventory", **lane_args)
+        self._log = structlog.get_logger("vmfenced.host").bind(host=self.name)
+
+    @property
+    def state(self) -> LinkState:
+        return self.fence.state
+
+    def start(self, spawn: Spawn) -> None:
+        spawn(self.fence.supervise(), f"{self.name}-fence")
+        spawn(self.inventory.supervise(), f"{self.name}-inventory")
+
+    async def close(self) -> None:
+        await asyncio.gather(self.fence.close(), self.inventory.close())
+
+    async def probe(self, timeout: float) -> float:
+        """Round trip of a no-op over the warm fence shell."""
+        result = await self.fence.run(":", timeout)
+        self.rtt = result.elapsed
+        return result.elapsed
+
+    async def list_running(self, lane: Lane, timeout: float) -> tuple[RunningVM, ...]:
+        """The fastest listing that works; a listing we cannot read is never taken as empty."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        failures = []
+        for listing in self.backend.listings:
+            result = await lane.run(listing.command, deadline - loop.time())
+            if result.status != 0:
+                failures.append(f"{listing.command!r} exited {result.status}")
+                continue
+            try:
+                return listing.parse(result.output)
+            except ParseError as exc:
+                failures.append(str(exc))
+        self._log.warning("no listing worked", failures=failures)
+        raise LinkError(self.name, lane.name, "cannot list running VMs: " + "; ".join(failures))
+
+    async def list_registered(self, timeout: float) -> tuple[RegisteredVM, ...]:
+        command = self.backend.registered_command
+        result = await self.inventory.run(command, timeout)
+        if result.status != 0:
+            raise LinkError(
+                self.name, "inventory", f"{command!r} exited {result.status}: {_tail(result)}"
+            )
+        try:
+            return self.backend.parse_registered(result.output)
+        except ParseError as exc:
+            raise LinkError(self.name, "inventory", str(exc)) from None
+
+    async def guarded_kill(self, vm: RunningVM, timeout: float) -> KillOutcome:
+        # The host-side wait gets most of the budget; the rest covers the round trip.
+        command = self.backend.kill_command(vm, max(0.05, timeout * 0.8))
+        result = await self.fence.run(command, timeout)
+        try:
+            return self.backend.parse_kill(result.output)
+        except ParseError as exc:
+            raise LinkError(self.name, "fence", f"guarded kill: {exc.reason}") from None
+
+    async def power_on(self, vm: RegisteredVM) -> None:
+        command = self.backend.power_on_command(vm)
+        result = await self.inventory.run(command, self.backend.power_on_timeout)
+        if result.status != 0:
+            raise LinkError(self.name, "inventory", f"power-on failed: {_tail(result)}")
+
+    def snapshot(self, inventory_at: float | None, vm_count: int) -> dict[str, Any]:
+        fence = self.fence
+        return {
+            "name": self.name,
+            "address": self.config.address,
+            "port": self.config.port,
+            "kind": self.config.kind,
+            "state": fence.state.value,
+            "since": fence.since,
+            "reason": fence.reason,
+            "lanes": {"fence": fence.state.value, "inventory": self.inventory.state.value},
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "inventory_age_s": None
+            if inventory_at is None
+            else round(max(0.0, time.time() - inventory_at), 3),
+            "vm_count": vm_count,
+        }
+
+
+def _tail(result: Any) -> str:
+    text = " ".join(str(result.output).split())
+    return text[-300:] if text else f"exit status {result.status}"

@@ -1,0 +1,91 @@
+"""Keeps the live map fresh: every host listed every interval, at link-up and after every fence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from vmfenced.errors import LinkError
+from vmfenced.host import Host, Spawn
+from vmfenced.model import HostInventory, LinkState, VMMap
+
+# esxcli and vim-cmd go through hostd: seconds on a busy host, never on the fence path.
+INVENTORY_TIMEOUT = 60.0
+
+
+class InventoryService:
+    def __init__(self, hosts: dict[str, Host], vmmap: VMMap, interval: float) -> None:
+        self._hosts = hosts
+        self._map = vmmap
+        self._interval = interval
+        self._wake = {name: asyncio.Event() for name in hosts}
+        self._first = {name: asyncio.Event() for name in hosts}
+        self._log = structlog.get_logger("vmfenced.inventory")
+
+    def start(self, spawn: Spawn) -> None:
+        for host in self._hosts.values():
+            spawn(self._loop(host), f"{host.name}-inventory-loop")
+
+    def request(self, host: str) -> None:
+        """Refresh that host soon (after a fence, at link-up); never waits."""
+        event = self._wake.get(host)
+        if event is not None:
+            event.set()
+
+    async def first_round(self, timeout: float) -> bool:
+        """True once every host had one inventory attempt (for READY)."""
+        try:
+            async with asyncio.timeout(timeout):
+                for event in self._first.values():
+                    await event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _loop(self, host: Host) -> None:
+        wake = self._wake[host.name]
+        while True:
+            wake.clear()
+            await self.refresh(host)
+            self._first[host.name].set()
+            try:
+                async with asyncio.timeout(self._interval):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    async def refresh(self, host: Host) -> None:
+        timeout = INVENTORY_TIMEOUT
+        lane = host.inventory
+        if lane.state is LinkState.CONNECTING:
+            await lane.wait_settled(timeout)
+        if host.fence.state is LinkState.UP:
+            try:
+                await host.probe(5)
+            except LinkError as exc:
+                self._log.warning("probe failed", host=host.name, reason=exc.reason)
+        if lane.state is not LinkState.UP:
+            return
+        started = time.time()
+        try:
+            running = await host.list_running(lane, timeout)
+        except LinkError as exc:
+            self._log.warning("inventory failed", host=host.name, reason=exc.reason)
+            return
+        # The slow registration listing must not hold back the running-VM map.
+        self._map.update_running(host.name, running, started)
+        try:
+            registered = await host.list_registered(timeout)
+        except LinkError as exc:
+            self._log.warning("registration listing failed", host=host.name, reason=exc.reason)
+            registered = None
+        current = self._map.hosts.get(host.name)
+        # A fence may have refreshed the running list meanwhile; keep the newer one.
+        running_now = current.running if current is not None else running
+        at = current.at if current is not None else started
+        if registered is None and current is not None:
+            registered = current.registered
+        self._map.update(host.name, HostInventory(running_now, registered, at))
+        self._log.debug("inventory", host=host.name, running=len(running_now))

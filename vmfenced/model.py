@@ -1,0 +1,115 @@
+"""Pure data: VMs, host link states and the VM -> host map. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class LinkState(StrEnum):
+    UP = "up"
+    CONNECTING = "connecting"
+    DOWN = "down"
+
+
+class KillOutcome(StrEnum):
+    KILLED = "killed"  # the guard matched, kill -9 sent, the process is gone
+    NOT_RUNNING = "not-running"  # nothing runs under that cartel/PID
+    NOT_THAT_VM = "not-that-vm"  # the cartel/PID runs something else: reused, never killed
+    ALIVE = "alive"  # killed, but still there when the host-side wait ended
+
+
+@dataclass(frozen=True, slots=True)
+class RunningVM:
+    """One running VM instance: cartel/world IDs belong to this power-on on this host."""
+
+    name: str
+    config_file: str
+    cartel: int
+    world: int | None = None
+    uuid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredVM:
+    """A VM the host has registered (running or not); vmid is the host's handle for power-on."""
+
+    vmid: str
+    name: str
+    config_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostInventory:
+    running: tuple[RunningVM, ...]
+    # None when the registration listing failed: the host may register VMs we do not know of.
+    registered: tuple[RegisteredVM, ...] | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    host: str
+    vm: RunningVM
+
+
+@dataclass
+class VMMap:
+    """The live map VM -> host -> process, one inventory per host, replaced whole."""
+
+    hosts: dict[str, HostInventory] = field(default_factory=dict)
+
+    def update(self, host: str, inventory: HostInventory) -> None:
+        self.hosts[host] = inventory
+
+    def update_running(self, host: str, running: tuple[RunningVM, ...], at: float) -> None:
+        """A fresh process listing that keeps the (slower) registration listing."""
+        old = self.hosts.get(host)
+        self.hosts[host] = HostInventory(running, old.registered if old else None, at)
+
+    def forget(self, host: str) -> None:
+        self.hosts.pop(host, None)
+
+    def drop_running(self, host: str, name: str) -> None:
+        old = self.hosts.get(host)
+        if old is not None:
+            kept = tuple(vm for vm in old.running if vm.name != name)
+            self.hosts[host] = HostInventory(kept, old.registered, old.at)
+
+    def where_running(self, name: str) -> list[Located]:
+        return [
+            Located(host, vm)
+            for host, inv in self.hosts.items()
+            for vm in inv.running
+            if vm.name == name
+        ]
+
+    def where_registered(self, name: str) -> list[tuple[str, RegisteredVM]]:
+        return [
+            (host, reg)
+            for host, inv in self.hosts.items()
+            for reg in inv.registered or ()
+            if reg.name == name
+        ]
+
+    def is_known(self, name: str) -> bool:
+        return bool(self.where_running(name) or self.where_registered(name))
+
+    def names(self) -> list[str]:
+        out = {vm.name for inv in self.hosts.values() for vm in inv.running}
+        out.update(reg.name for inv in self.hosts.values() for reg in inv.registered or ())
+        return sorted(out)
+
+
+def resolve(name: str, aliases: dict[str, str]) -> tuple[str, str | None]:
+    """Alias first (a cluster node name), else the VM display name itself."""
+    if name in aliases:
+        return aliases[name], name
+    return name, None
+
+
+def alias_of(vm: str, aliases: dict[str, str]) -> str | None:
+    for alias, target in aliases.items():
+        if target == vm:
+            return alias
+    return None

@@ -1,0 +1,191 @@
+"""A real vmfenced process configured for a lab: config file, READY=1 wait, teardown by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vmflab.lab import Lab
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    # JSON string escapes are valid TOML basic-string escapes.
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def render_config(
+    lab: Lab,
+    socket_path: Path,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    hosts: list[str] | None = None,
+    daemon: Mapping[str, Any] | None = None,
+    ssh: Mapping[str, Any] | None = None,
+) -> str:
+    daemon_keys = {
+        "socket": str(socket_path),
+        "socket_mode": "0660",
+        "inventory_interval": 30,
+        "fence_timeout": 5,
+        **(daemon or {}),
+    }
+    ssh_keys = {
+        "username": lab.username,
+        "client_keys": [str(lab.client_key)],
+        "known_hosts": str(lab.known_hosts),
+        "connect_timeout": 3,
+        "keepalive_interval": 1,
+        "keepalive_count_max": 3,
+        **(ssh or {}),
+    }
+    lines = ["[daemon]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in daemon_keys.items()]
+    lines += ["", "[ssh]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in ssh_keys.items()]
+    for name in hosts if hosts is not None else list(lab.hosts):
+        host = lab.hosts[name]
+        lines += ["", "[[hosts]]", f"name = {toml_value(name)}"]
+        lines += [f"address = {toml_value(host.address)}", f"port = {host.port}", 'kind = "esxi"']
+    lines += ["", "[aliases]"]
+    lines += [f"{toml_value(k)} = {toml_value(v)}" for k, v in (aliases or {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+class LabDaemon:
+    """`python -m vmfenced.daemon` against a lab; start() returns once it sent READY=1."""
+
+    def __init__(self, lab: Lab, **config: Any) -> None:
+        # Unix socket paths are limited to 108 bytes: keep them short, outside pytest's tmp tree.
+        self.dir = Path(tempfile.mkdtemp(prefix="vmfd-", dir="/tmp"))
+        self.socket = self.dir / "vmfenced.sock"
+        self.config_path = self.dir / "vmfenced.toml"
+        self.log_path = self.dir / "vmfenced.log"
+        self.config_path.write_text(render_config(lab, self.socket, **config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> LabDaemon:
+        notify_path = self.dir / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vmfenced.daemon",
+                    "--config",
+                    str(self.config_path),
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    "debug",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RuntimeError(f"vmfenced sent no READY=1 in {timeout} s:\n{self.log()}")
+                notify.settimeout(min(remaining, 0.5))
+                try:
+                    message = notify.recv(4096).decode()
+                except TimeoutError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"vmfenced exited {self.proc.returncode}:\n{self.log()}"
+                        ) from None
+                    continue
+                if "READY=1" in message.splitlines():
+                    return self
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            notify.close()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def request(self, obj: Mapping[str, Any], timeout: float = 30) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.socket))
+            sock.sendall(json.dumps(obj).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        reply = self.request({"op": "status"})
+        assert reply["ok"], reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    def host_state(self, name: str) -> str:
+        for host in self.status()["hosts"]:
+            if host["name"] == name:
+                return str(host["state"])
+        raise KeyError(name)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LabDaemon:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,268 @@
+"""The lab: several real-OpenSSH "ESXi hosts" on loopback addresses, with real VM processes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pwd
+import random
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from vmflab.control import LabError
+from vmflab.host import LabHost, SshSettings
+from vmflab.vmfs import HostFiles
+
+USERNAME = "vmflab"
+PACKAGE_DIR = Path(__file__).resolve().parent
+VMX_SOURCE = PACKAGE_DIR / "vmx.c"
+SHIMS_DIR = PACKAGE_DIR / "shims"
+HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+USERADD_LOCKED = 10  # useradd: cannot lock /etc/passwd (someone else is adding a user)
+USERADD_EXISTS = 9
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vmflab"
+
+
+def shadow_password(name: str) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/shadow").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == name and len(fields) > 1:
+                return fields[1]
+    return None
+
+
+def ensure_user(name: str = USERNAME) -> pwd.struct_passwd:
+    """The lab login user (shell /bin/sh like ESXi's ash), created if missing.
+
+    Its password field is "*" (no password, key logins only): sshd without PAM refuses an
+    account whose password is locked ("!"), which is what ``useradd`` leaves by default.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwnam(name)
+            if (shadow_password(name) or "").startswith("!"):
+                subprocess.run(["usermod", "-p", "*", name], capture_output=True, check=False)
+            return user
+        # Home "/" (ESXi root's home): sshd would print "Could not chdir" for a missing one.
+        result = subprocess.run(
+            [
+                *("useradd", "--system", "--shell", "/bin/sh", "--no-create-home"),
+                *("--home-dir", "/", "--password", "*", name),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode not in (0, USERADD_EXISTS, USERADD_LOCKED):
+            raise LabError(f"useradd {name} failed: {result.stderr.strip()}")
+        if time.monotonic() > deadline:
+            raise LabError(f"cannot create user {name}: {result.stderr.strip()}")
+        if result.returncode == USERADD_LOCKED:
+            time.sleep(0.05)
+
+
+def build_vmx(cache_dir: Path) -> Path:
+    """Compiles vmx.c once per source version into the cache (shared by every lab)."""
+    source = VMX_SOURCE.read_bytes()
+    target = cache_dir / f"vmx-{hashlib.sha256(source).hexdigest()[:16]}"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    errors = []
+    # Static: no dynamic loader, so each VM process costs almost no memory.
+    for flags in (["-static"], []):
+        result = subprocess.run(
+            ["gcc", "-O2", "-s", *flags, "-o", str(tmp), str(VMX_SOURCE)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode == 0:
+            tmp.replace(target)
+            return target
+        errors.append(result.stderr.strip())
+    raise LabError("cannot compile vmx.c: " + "\n".join(errors))
+
+
+def free_port(address: str) -> int:
+    """A port free on ``address`` right now (sshd binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Lab:
+    """Context manager; leaving it always tears every host down by PID."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        host_names: Sequence[str] = ("esx1", "esx2", "esx3"),
+        *,
+        cache_dir: Path | None = None,
+    ) -> None:
+        names = list(host_names)
+        for name in names:
+            self._check_host_name(name)
+        if len(set(names)) != len(names):
+            raise LabError(f"duplicate host names in {names}")
+        self.workdir = Path(workdir).resolve()
+        self.username = USERNAME
+        self.client_key = self.workdir / "client_ed25519"
+        self.known_hosts = self.workdir / "known_hosts"
+        self.hosts: dict[str, LabHost] = {}
+        self._names = names
+        self._cache_dir = cache_dir or default_cache_dir()
+        self._vmx: Path | None = None
+        self._uid = -1
+        self._gid = -1
+        self._rng = random.SystemRandom()
+        self._started = False
+
+    def _check_host_name(self, name: str) -> None:
+        if not HOST_NAME.match(name):
+            raise LabError(f"invalid host name {name!r} (lowercase letters, digits, '-')")
+
+    def __enter__(self) -> Lab:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Starts every host; on failure everything started is torn down before raising."""
+        if self._started:
+            raise LabError("lab already started")
+        self._started = True
+        try:
+            self._prepare()
+            hosts = [self._new_host(name) for name in self._names]
+            self._keygen([host.files for host in hosts], client=True)
+            for host in hosts:
+                self.hosts[host.name] = host
+                host.launch()
+            for host in hosts:
+                host.wait_ready()
+            self.write_known_hosts()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (namespaces, sshd, useradd)")
+        user = ensure_user(self.username)
+        self._uid, self._gid = user.pw_uid, user.pw_gid
+        Path("/vmfs").mkdir(mode=0o755, exist_ok=True)  # mount point of each host's /vmfs
+        Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # sshd privsep dir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "hosts").mkdir(exist_ok=True)
+        self._vmx = build_vmx(self._cache_dir)
+
+    def _keygen(self, files: list[HostFiles], *, client: bool) -> None:
+        procs = [f.host_keygen() for f in files]
+        if client:
+            for path in (self.client_key, self.client_key.with_name(self.client_key.name + ".pub")):
+                path.unlink(missing_ok=True)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmflab-client"),
+                        *("-f", str(self.client_key)),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        failures = []
+        for proc in procs:
+            _, err = proc.communicate(timeout=30)
+            if proc.returncode != 0:
+                failures.append(err.decode(errors="replace").strip())
+        if failures:
+            raise LabError(f"ssh-keygen failed: {failures}")
+        for host_files in files:
+            host_files.prepare(
+                vmx_binary=self._require_vmx(),
+                shims=SHIMS_DIR,
+                client_public_key=self.client_key.with_name(self.client_key.name + ".pub"),
+            )
+
+    def _require_vmx(self) -> Path:
+        if self._vmx is None:
+            raise LabError("lab not started")
+        return self._vmx
+
+    def _new_host(self, name: str) -> LabHost:
+        used = {host.address for host in self.hosts.values()}
+        while True:
+            address = f"127.77.{self._rng.randrange(1, 255)}.{self._rng.randrange(1, 255)}"
+            if address not in used:
+                break
+        files = HostFiles(self.workdir / "hosts" / name, uid=self._uid, gid=self._gid)
+        files.root.mkdir(mode=0o755, exist_ok=True)
+        return LabHost(
+            name=name,
+            address=address,
+            port=free_port(address),
+            files=files,
+            ssh_settings=SshSettings(self.username, self.client_key, self.known_hosts),
+            pick_port=free_port,
+            on_key_change=self.write_known_hosts,
+        )
+
+    def add_host(self, name: str) -> LabHost:
+        """Adds a host and starts it at once."""
+        if not self._started:
+            raise LabError("lab not started")
+        self._check_host_name(name)
+        if name in self.hosts:
+            raise LabError(f"host {name!r} already exists")
+        host = self._new_host(name)
+        self._keygen([host.files], client=False)
+        self.hosts[name] = host
+        host.launch()
+        host.wait_ready()
+        self.write_known_hosts()
+        return host
+
+    def write_known_hosts(self) -> None:
+        """Rewrites known_hosts from every host's current key, address and port."""
+        lines = [host.known_hosts_line() + "\n" for host in self.hosts.values()]
+        tmp = self.known_hosts.with_name(self.known_hosts.name + ".tmp")
+        tmp.write_text("".join(lines))
+        tmp.replace(self.known_hosts)
+
+    def close(self) -> None:
+        """Kills every host by PID (SIGKILL of each init kills its whole namespace); idempotent."""
+        for host in self.hosts.values():
+            host.kill()  # all at once, then wait for each
+        errors = []
+        for host in self.hosts.values():
+            try:
+                host.close()
+            except (OSError, subprocess.SubprocessError, LabError) as exc:
+                errors.append(f"{host.name}: {exc}")
+        if errors:
+            raise LabError(f"teardown incomplete: {errors}")

@@ -1,0 +1,263 @@
+"""Files of one lab host: its /vmfs tree (VM configs, shims, run state) and its sshd files.
+
+The host directory ``<workdir>/hosts/<name>`` holds ``vmfs/`` (bind-mounted on ``/vmfs`` inside
+the host), sshd's config, host key, pid file and log, and the /usr/lib overlay dirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid as uuid_module
+from pathlib import Path
+
+from vmflab.control import LabError
+
+NS_LAB = "/vmfs/.lab"
+NS_VOLUMES = "/vmfs/volumes"
+SHIM_PATH = f"{NS_LAB}/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_VM_NAME = 80
+FORBIDDEN_IN_NAME = set('/\\"|')
+DATASTORE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,41}$")
+VMWARE_UUID = re.compile(r"^([0-9a-f]{2} ){7}[0-9a-f]{2}-([0-9a-f]{2} ){7}[0-9a-f]{2}$")
+LOCK_STALE_S = 3.0
+
+
+def check_vm_name(name: str) -> None:
+    """Rejects names a .vmx, the shims' tab-separated records or a path could not carry."""
+    if not 1 <= len(name) <= MAX_VM_NAME:
+        raise LabError(f"VM name must be 1 to {MAX_VM_NAME} characters: {name!r}")
+    if name in (".", "..") or name != name.strip():
+        raise LabError(f"invalid VM name {name!r}")
+    bad = [c for c in name if c in FORBIDDEN_IN_NAME or ord(c) < 32 or 127 <= ord(c) < 160]
+    if bad:
+        raise LabError(f"VM name {name!r} contains unsupported characters {bad!r}")
+
+
+def check_datastore(datastore: str) -> None:
+    if not DATASTORE.match(datastore):
+        raise LabError(f"invalid datastore name {datastore!r}")
+
+
+def vmware_uuid(text: str | None) -> str:
+    """A BIOS UUID in .vmx form (``56 4d ... 00-11 ...``); random when ``text`` is None."""
+    if text is None:
+        raw = uuid_module.uuid4().hex
+    elif VMWARE_UUID.match(text.lower()):
+        return text.lower()
+    else:
+        try:
+            raw = uuid_module.UUID(text).hex
+        except ValueError as exc:
+            raise LabError(f"invalid UUID {text!r}") from exc
+    pairs = [raw[i : i + 2] for i in range(0, 32, 2)]
+    return " ".join(pairs[:8]) + "-" + " ".join(pairs[8:])
+
+
+def vmx_text(name: str, uuid: str | None) -> str:
+    check_vm_name(name)
+    bios = vmware_uuid(uuid)
+    return "\n".join(
+        [
+            '.encoding = "UTF-8"',
+            'config.version = "8"',
+            'virtualHW.version = "13"',
+            f'displayName = "{name}"',
+            'guestOS = "otherlinux-64"',
+            f'uuid.bios = "{bios}"',
+            f'uuid.location = "{bios}"',
+            'memSize = "32"',
+            'numvcpus = "1"',
+            "",
+        ]
+    )
+
+
+class HostFiles:
+    """Paths and file operations of one lab host (``ns_*`` paths are as seen inside the host)."""
+
+    def __init__(self, root: Path, *, uid: int, gid: int) -> None:
+        self.root = root
+        self.vmfs = root / "vmfs"
+        self.lab = self.vmfs / ".lab"
+        self.bin = self.lab / "bin"
+        self.run = self.lab / "run"
+        self.ctl = self.lab / "ctl"
+        self.authorized_keys = self.lab / "authorized_keys"
+        self.volumes = self.vmfs / "volumes"
+        self.sshd_config = root / "sshd_config"
+        self.host_key = root / "ssh_host_ed25519_key"
+        self.pid_file = root / "sshd.pid"
+        self.log = root / "host.log"
+        self.init_err = root / "init.err"
+        self.usrlib_upper = root / "usrlib" / "upper"
+        self.usrlib_work = root / "usrlib" / "work"
+        self.ns_ctl = f"{NS_LAB}/ctl"
+        self.ns_run = f"{NS_LAB}/run"
+        self._uid = uid
+        self._gid = gid
+
+    def prepare(self, *, vmx_binary: Path, shims: Path, client_public_key: Path) -> None:
+        """Creates the host's tree; the lab user may write only the run directory."""
+        for directory in (self.root, self.vmfs, self.lab, self.bin, self.run, self.volumes):
+            directory.mkdir(mode=0o755, exist_ok=True)
+            directory.chmod(0o755)
+        (self.volumes / "ds1").mkdir(mode=0o755, exist_ok=True)
+        os.chown(self.run, self._uid, self._gid)
+        for shim in shims.iterdir():
+            if shim.is_file():
+                shutil.copyfile(shim, self.bin / shim.name)
+                executable = shim.stat().st_mode & 0o111
+                (self.bin / shim.name).chmod(0o755 if executable else 0o644)
+        try:
+            os.link(vmx_binary, self.bin / "vmx")
+        except OSError:
+            shutil.copyfile(vmx_binary, self.bin / "vmx")
+        (self.bin / "vmx").chmod(0o755)
+        shutil.copyfile(client_public_key, self.authorized_keys)
+        self.authorized_keys.chmod(0o644)
+        if not self.ctl.exists():
+            os.mkfifo(self.ctl)
+        self.ctl.chmod(0o622)  # the lab user's start shim writes requests, only root reads
+        vmware_bin = self.usrlib_upper / "vmware" / "bin"
+        vmware_bin.mkdir(parents=True, exist_ok=True)
+        self.usrlib_work.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            (vmware_bin / "vmdumper").symlink_to(f"{NS_LAB}/bin/vmdumper")
+        self.init_err.write_bytes(b"")
+
+    def host_keygen(self) -> subprocess.Popen[bytes]:
+        """Starts ``ssh-keygen`` for a new host key (the caller waits, to run several at once)."""
+        for path in (self.host_key, self.host_key.with_name(self.host_key.name + ".pub")):
+            path.unlink(missing_ok=True)
+        return subprocess.Popen(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(self.host_key)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def new_host_key(self) -> None:
+        proc = self.host_keygen()
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            raise LabError(f"ssh-keygen failed: {err.decode(errors='replace').strip()}")
+
+    def host_public_key(self) -> tuple[str, str]:
+        fields = self.host_key.with_name(self.host_key.name + ".pub").read_text().split()
+        return fields[0], fields[1]
+
+    def write_sshd_config(self, address: str, port: int) -> None:
+        lines = [
+            f"ListenAddress {address}:{port}",
+            f"HostKey {self.host_key}",
+            f"AuthorizedKeysFile {NS_LAB}/authorized_keys",
+            f"PidFile {self.pid_file}",
+            "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "MaxSessions 1",  # hardened ESXi: one session channel per connection
+            "MaxStartups 100:30:200",
+            "ClientAliveInterval 200",
+            "ClientAliveCountMax 3",
+            f"SetEnv PATH={SHIM_PATH}",
+            # Runs the client's command unchanged; see the script for what it adds.
+            f"ForceCommand {NS_LAB}/bin/vmflab-session",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "DisableForwarding yes",
+            "LogLevel INFO",
+            "",
+        ]
+        self.sshd_config.write_text("\n".join(lines))
+
+    def log_tail(self, size: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------- VM files
+    def vmx_path(self, name: str, datastore: str) -> str:
+        check_vm_name(name)
+        check_datastore(datastore)
+        return f"{NS_VOLUMES}/{datastore}/{name}/{name}.vmx"
+
+    def outside(self, ns_path: str) -> Path:
+        """The path outside the host of a path under /vmfs inside it."""
+        if not ns_path.startswith("/vmfs/") or "/../" in ns_path:
+            raise LabError(f"not a path under /vmfs: {ns_path!r}")
+        return self.vmfs / ns_path.removeprefix("/vmfs/")
+
+    def write_vmx(self, name: str, datastore: str, text: str) -> str:
+        ns_path = self.vmx_path(name, datastore)
+        path = self.outside(ns_path)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o644)
+        tmp.replace(path)
+        self._register(ns_path)
+        return ns_path
+
+    def remove_vmx(self, ns_path: str) -> None:
+        path = self.outside(ns_path)
+        try:
+            path.unlink()
+        except FileNotFoundError as exc:
+            raise LabError(f"no such VM config {ns_path!r}") from exc
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+    def _register(self, ns_path: str) -> None:
+        """Gives the .vmx the next Vmid unless it has one (same registry and lock as vim-cmd)."""
+        registry = self.run / "vmids"
+        lock = self.run / "vmids.lock"
+        deadline = time.monotonic() + LOCK_STALE_S
+        while True:
+            try:
+                lock.mkdir()
+                break
+            except FileExistsError:
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(OSError):
+                        lock.rmdir()  # left by a killed holder
+                    deadline = time.monotonic() + LOCK_STALE_S
+                time.sleep(0.005)
+        try:
+            entries = []
+            with contextlib.suppress(FileNotFoundError):
+                for line in registry.read_text(encoding="utf-8").splitlines():
+                    vmid, _, path = line.partition("\t")
+                    if vmid.isdigit() and path:
+                        entries.append((int(vmid), path))
+            if all(path != ns_path for _, path in entries):
+                entries.append((max((vmid for vmid, _ in entries), default=0) + 1, ns_path))
+                tmp = self.run / f"vmids.tmp.py{os.getpid()}"
+                tmp.write_text("".join(f"{v}\t{p}\n" for v, p in entries), encoding="utf-8")
+                os.chown(tmp, self._uid, self._gid)
+                tmp.replace(registry)
+        finally:
+            lock.rmdir()
+
+    def write_next_pid(self, pid: int) -> None:
+        tmp = self.run / ".nextpid.tmp"
+        tmp.write_text(f"{pid}\n")
+        os.chown(tmp, self._uid, self._gid)
+        tmp.replace(self.run / "nextpid")
+
+    def clear_next_pid(self) -> None:
+        try:
+            (self.run / "nextpid").unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
