@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -241,3 +243,25 @@ def wait_for(condition: Any, timeout: float = 15) -> bool:
             return True
         time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
     return False
+
+
+def test_hung_host_times_out_as_a_failure(lab: Lab) -> None:
+    esx2 = lab.hosts["esx2"]
+    esx2.start_vm("gfs-node2")
+    with LabDaemon(lab, aliases=ALIASES, daemon={"fence_timeout": 1.5}) as daemon:
+        frozen = [pid for pid in esx2.namespace_pids() if pid != esx2.init_pid]
+        (vm,) = [p for p in frozen if b"gfs-node2.vmx" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        try:
+            for pid in frozen:  # TCP stays open, nothing answers
+                os.kill(pid, signal.SIGSTOP)
+            reply = fence(daemon, "node2")
+            assert not reply["ok"], reply
+            assert reply["error"]["code"] == "fence_failed"
+            assert "fence_timeout" in reply["error"]["message"]
+            # Failure was reported while the VM still existed (stopped, seen from outside).
+            assert Path(f"/proc/{vm}/stat").read_text().split(") ")[1][0] == "T"
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        # A guarded kill that was already in the frozen host's socket buffer may still run
+        # after the thaw: that late kill of the target is harmless; a late success is not.
