@@ -83,21 +83,27 @@ class Fencer:
     async def _serialised(self, vm: str, action: str) -> FenceResult:
         # Different actions on one VM (off while on runs) must not interleave.
         lock = self._per_vm.setdefault(vm, asyncio.Lock())
-        async with lock:
-            start = time.perf_counter()
-            log = self._log.bind(vm=vm, action=action)
-            try:
-                result = await self._timed(vm, action, start)
-            except FenceFailed as exc:
-                log.error("fence failed", reason=exc.reason, host=exc.host)
-                raise
-            log.info(
-                "fence done",
-                outcome=result.outcome,
-                host=result.host,
-                elapsed_ms=result.elapsed_ms,
-            )
-            return result
+        try:
+            async with lock:
+                start = time.perf_counter()
+                log = self._log.bind(vm=vm, action=action)
+                try:
+                    result = await self._timed(vm, action, start)
+                except FenceFailed as exc:
+                    log.error("fence failed", reason=exc.reason, host=exc.host)
+                    raise
+                log.info(
+                    "fence done",
+                    outcome=result.outcome,
+                    host=result.host,
+                    elapsed_ms=result.elapsed_ms,
+                )
+                return result
+        finally:
+            # Requests may name any string: keep a lock only while someone uses it.
+            me = asyncio.current_task()
+            if not any(name == vm and t is not me for (name, _), t in self._inflight.items()):
+                self._per_vm.pop(vm, None)
 
     async def _timed(self, vm: str, action: str, start: float) -> FenceResult:
         run: Callable[[str, float], Awaitable[FenceResult]] = {
@@ -157,6 +163,8 @@ class Fencer:
         """Kill where `loc` says; None when the VM is not (or no longer) there."""
         host = self.hosts[loc.host]
         remaining = self.fence_timeout - (time.perf_counter() - start)
+        if remaining <= 0:
+            raise FenceFailed(vm, f"not confirmed within fence_timeout ({self.fence_timeout:g} s)")
         try:
             outcome = await host.guarded_kill(loc.vm, remaining)
         except LinkError as exc:
