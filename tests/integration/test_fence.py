@@ -76,6 +76,8 @@ def test_reused_cartel_is_never_killed(lab: Lab) -> None:
         reply = fence(daemon, "node1")
         assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
         assert esx1.pid_alive(intruder)
+        # The guard itself refused: the stale cartel was tried, not skipped.
+        assert '"outcome": "not-that-vm"' in daemon.log()
 
 
 def test_reused_cartel_by_an_unrelated_process_is_never_killed(lab: Lab) -> None:
@@ -89,6 +91,7 @@ def test_reused_cartel_by_an_unrelated_process_is_never_killed(lab: Lab) -> None
         reply = fence(daemon, "node1")
         assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
         assert esx1.pid_alive(pid)
+        assert '"outcome": "not-that-vm"' in daemon.log()
 
 
 def test_dead_host_fails_the_fence_then_recovers(lab: Lab) -> None:

@@ -1,0 +1,116 @@
+"""Fence latency, side by side, in one run on the lab: `python3 bench/fence.py [--quick] [-n N]`.
+
+Compares, on the same lab hosts and the same kind of VM:
+- the daemon-side fence (socket request to confirmed death, as the daemon reports it, and as a
+  client measures it around the socket round trip);
+- `fence_vmfenced` as a new process (what Pacemaker runs), against `python3 -c pass` measured
+  in the same run: the floor any Python agent pays;
+- a cold SSH login that runs the kill, what every existing agent does on every call (OpenSSH
+  client, a new connection and authentication each time).
+Prints a Markdown table of medians, p95 and ratios. Not a test: no assertion on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from vmflab import Lab
+from vmflab.daemon import LabDaemon
+
+HOSTS = ("esx1", "esx2", "esx3")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return (time.perf_counter() - start) * 1000
+
+
+def run_quiet(argv: list[str], stdin: str | None = None) -> None:
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 2):
+        raise RuntimeError(f"{argv[:3]} exited {done.returncode}: {done.stderr.strip()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, default=30, help="fences per method (default 30)")
+    parser.add_argument("--quick", action="store_true", help="3 of each: proves it still runs")
+    args = parser.parse_args()
+    n = 3 if args.quick else args.n
+    rows: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="vmf-bench-") as tmp, Lab(Path(tmp), HOSTS) as lab:
+        # Every VM exists before the daemon starts, so each fence takes the mapped path.
+        names = {m: [f"{m}-{i}" for i in range(n)] for m in ("daemon", "agent", "coldssh")}
+        for vms in names.values():
+            for i, vm in enumerate(vms):
+                lab.hosts[HOSTS[i % len(HOSTS)]].start_vm(vm)
+        with LabDaemon(lab) as daemon:
+            sock = str(daemon.socket)
+            inside, around = [], []
+            for vm in names["daemon"]:
+                start = time.perf_counter()
+                reply = daemon.request({"op": "fence", "vm": vm})
+                around.append((time.perf_counter() - start) * 1000)
+                if not reply["ok"]:
+                    raise RuntimeError(f"{vm}: {reply['error']}")
+                inside.append(reply["result"]["elapsed_ms"])
+            rows["daemon: fence off, daemon-side (socket request to confirmed death)"] = inside
+            rows["daemon: fence off, client round trip over the socket"] = around
+
+            agent = [sys.executable, "-m", "vmfenced.agent"]
+            rows["python3 -c pass (interpreter floor)"] = [
+                timed(lambda: run_quiet([sys.executable, "-c", "pass"])) for _ in range(n)
+            ]
+            rows["fence_vmfenced -o off (new process, as Pacemaker runs it)"] = [
+                timed(partial(run_quiet, agent, f"action=off\nplug={vm}\nsocket={sock}\n"))
+                for vm in names["agent"]
+            ]
+            rows["fence_vmfenced -o status"] = [
+                timed(lambda: run_quiet(agent, f"action=status\nplug=daemon-0\nsocket={sock}\n"))
+                for _ in range(n)
+            ]
+            rows["fence_vmfenced -o monitor"] = [
+                timed(lambda: run_quiet(agent, f"action=monitor\nsocket={sock}\n"))
+                for _ in range(n)
+            ]
+            cold = []
+            for i, vm in enumerate(names["coldssh"]):
+                host = lab.hosts[HOSTS[i % len(HOSTS)]]
+                pid = host.vm_pids()[vm]
+                cold.append(timed(partial(host.ssh, f"kill -9 {pid}")))
+            rows["cold SSH login + kill -9 (OpenSSH client, what existing agents do)"] = cold
+    report(rows, n)
+    return 0
+
+
+def report(rows: dict[str, list[float]], n: int) -> None:
+    floor = statistics.median(rows["python3 -c pass (interpreter floor)"])
+    agent_off = statistics.median(rows["fence_vmfenced -o off (new process, as Pacemaker runs it)"])
+    print(f"\n{n} runs each, milliseconds\n")
+    print("| what | median | p95 | vs `python3 -c pass` | vs fence_vmfenced off |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, values in rows.items():
+        median = statistics.median(values)
+        print(
+            f"| {name} | {median:.2f} | {percentile(values, 0.95):.2f} | "
+            f"{median / floor:.2f}x | {median / agent_off:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Hostile clients on the daemon's socket: precise errors, the daemon keeps serving, memory bounded."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmflab import Lab
+from vmflab.daemon import LabDaemon
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabDaemon]:
+    from tests.integration.conftest import lab_unavailable
+
+    reason = lab_unavailable()
+    if reason:
+        pytest.fail(reason)
+    with Lab(tmp_path_factory.mktemp("lab"), ("esx1",)) as lab:
+        lab.hosts["esx1"].start_vm("gfs-node1")
+        with LabDaemon(lab, aliases={"node1": "gfs-node1"}) as running:
+            yield running
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def exchange(path: Path, payload: bytes) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(20)
+        sock.connect(str(path))
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon may close first (too_large): its reply is still readable
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def still_serving(daemon: LabDaemon) -> None:
+    assert [h["state"] for h in daemon.status()["hosts"]] == ["up"]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(min_size=1, max_size=2048))
+def test_random_bytes_get_error_replies(daemon: LabDaemon, data: bytes) -> None:
+    for reply in exchange(daemon.socket, data + b"\n"):
+        assert reply["ok"] is False or "result" in reply
+        if not reply["ok"]:
+            assert reply["error"]["code"] in {"bad_request", "unknown_op", "too_large"}
+            assert reply["error"]["message"]
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.dictionaries(
+        st.sampled_from(["op", "vm", "action", "id", "x"]),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=40)
+        | st.lists(st.integers(), max_size=3),
+        max_size=5,
+    )
+)
+def test_wrong_shapes_never_fence_by_accident(daemon: LabDaemon, request: dict[str, Any]) -> None:
+    if request.get("op") == "fence" and request.get("vm") in ("node1", "gfs-node1"):
+        request["vm"] = "not-a-vm"  # this test is about shapes, not about fencing node1
+    (reply,) = exchange(daemon.socket, json.dumps(request).encode() + b"\n")
+    if not reply["ok"]:
+        assert reply["error"]["code"] in {"bad_request", "unknown_op", "unknown_vm", "fence_failed"}
+
+
+def test_specific_hostile_requests(daemon: LabDaemon) -> None:
+    cases = [
+        (b'{"op":"fen', "bad_request"),  # truncated, then EOF
+        (b"[" * 200_000 + b"]" * 200_000 + b"\n", "too_large"),
+        (b"[" * 30_000 + b"]" * 30_000 + b"\n", "bad_request"),  # deep, under the size limit
+        (b'{"op":"fence","vm":["node1"]}\n', "bad_request"),
+        (b'{"op":"status","id":{"nested":true}}\n', "bad_request"),
+        (b'{"op":"fence","vm":"node1","action":"destroy-everything"}\n', "bad_request"),
+        (b"\xff\xfe\x00\n", "bad_request"),
+        (b"x" * (2 * 1024 * 1024), "too_large"),  # 2 MiB, no newline at all
+    ]
+    for payload, code in cases:
+        replies = exchange(daemon.socket, payload)
+        assert [r["error"]["code"] for r in replies] == [code], (payload[:40], replies)
+    still_serving(daemon)
+    assert daemon.request({"op": "vm_status", "vm": "node1"})["result"]["state"] == "on"
+
+
+def test_idle_and_non_reading_clients_do_not_starve_others(daemon: LabDaemon) -> None:
+    assert daemon.proc is not None
+    before = rss_kib(daemon.proc.pid)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1500):  # more than the daemon serves at once
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(daemon.socket))
+            idle.append(sock)
+        # A client that floods requests and never reads its replies.
+        flood = socket.socket(socket.AF_UNIX)
+        idle.append(flood)
+        flood.connect(str(daemon.socket))
+        flood.setblocking(False)
+        sent = 0
+        line = b'{"op":"status"}\n'
+        try:
+            while sent < 20_000:
+                flood.send(line)
+                sent += 1
+        except BlockingIOError:
+            pass
+        # Every connection beyond the cap is told why; the cap keeps memory bounded.
+        (refused,) = exchange(daemon.socket, b'{"op":"status"}\n')
+        assert refused["error"]["code"] == "unavailable"
+    finally:
+        for sock in idle:
+            sock.close()
+    still_serving(daemon)
+    assert rss_kib(daemon.proc.pid) - before < 64 * 1024
