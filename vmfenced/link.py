@@ -28,6 +28,7 @@ from vmfenced.model import LinkState
 MAX_OUTPUT = 16 * 1024 * 1024
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 1.5
+RECONNECT_GRACE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class Lane:
         self._proc: asyncssh.SSHClientProcess[bytes] | None = None
         self._buffer = bytearray()
         self._broken: str | None = None
+        self._attempting = False
         self._log = structlog.get_logger("vmfenced.link").bind(host=host.name, lane=name)
 
     # -- state ---------------------------------------------------------------------------------
@@ -103,7 +105,9 @@ class Lane:
     def _set(self, state: LinkState, reason: str | None) -> None:
         if state is self.state and reason == self.reason:
             return
-        self.state, self.reason, self.since = state, reason, time.time()
+        if state is not self.state:
+            self.since = time.time()
+        self.state, self.reason = state, reason
         self._changed.set()
         self._changed = asyncio.Event()
         self._on_change(self)
@@ -182,11 +186,16 @@ class Lane:
         """Keep the lane connected until cancelled."""
         attempt = 0
         while True:
-            self._set(LinkState.CONNECTING, self.reason)
+            # A lane that was up and lost stays "down" while it retries: operators and fences
+            # must see the loss at once, not a hopeful "connecting" for connect_timeout.
+            if self.state is not LinkState.DOWN:
+                self._set(LinkState.CONNECTING, self.reason)
+            self._attempting = True
             try:
                 async with asyncio.timeout(self.ssh.connect_timeout * 2):
                     await self._open()
             except (OSError, asyncssh.Error, TimeoutError, LinkError) as exc:
+                self._attempting = False
                 self._drop()
                 self._set(LinkState.DOWN, describe(exc))
                 attempt += 1
@@ -197,6 +206,7 @@ class Lane:
                 self._drop()
                 raise
             attempt = 0
+            self._attempting = False
             self._set(LinkState.UP, None)
             self._log.info("link up", address=f"{self.host.address}:{self.host.port}")
             reason = await self._until_closed()
@@ -243,6 +253,10 @@ class Lane:
         start = time.perf_counter()
         if self.state is LinkState.CONNECTING:
             await self.wait_settled(timeout)
+        elif self.state is LinkState.DOWN and self._attempting:
+            # A healthy host is back in tens of milliseconds (say after our own reset); a hung
+            # one must not hold a fence that could succeed elsewhere for connect_timeout.
+            await self.wait_state(LinkState.UP, min(timeout, RECONNECT_GRACE))
         if self.state is not LinkState.UP:
             raise LinkDown(self.host.name, self.name, self.reason or self.state.value)
         try:

@@ -1,0 +1,211 @@
+"""Faults injected on the real lab; every scenario ends with the invariant checked on the hosts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.conftest import Ledger
+from vmflab import Lab, LabHost
+from vmflab.daemon import LabDaemon
+
+pytestmark = pytest.mark.faults
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+FAST_KEEPALIVE = {"keepalive_interval": 0.5, "keepalive_count_max": 2}
+
+
+def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
+    return daemon.request({"op": "fence", "vm": vm, "action": action})
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20) -> float:
+    """Seconds until `condition` held; polls with a deadline (a condition, not a sleep)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def outside_pid(host: LabHost, vm: str) -> int:
+    """The VM's PID as this (outer) PID namespace sees it."""
+    for pid in host.namespace_pids():
+        with contextlib.suppress(OSError):
+            if f"/{vm}.vmx".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    raise AssertionError(f"{vm} not running on {host.name}")
+
+
+@contextlib.contextmanager
+def stopped(host: LabHost) -> Iterator[list[int]]:
+    """Every process of the host but its reaper stopped: TCP stays open, nothing answers."""
+    pids = [pid for pid in host.namespace_pids() if pid != host.init_pid]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """A process in a frozen cgroup-v1 freezer: a SIGKILL stays pending until the thaw."""
+    group = FREEZER / f"vmf-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", 10)
+        yield
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        with contextlib.suppress(OSError):
+            for line in (group / "cgroup.procs").read_text().split():
+                (FREEZER / "cgroup.procs").write_text(line)
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10)
+        group.rmdir()
+
+
+def test_hung_host(lab: Lab, ledger: Ledger) -> None:
+    """every process of esx2 SIGSTOPped, then thawed"""
+    esx1, esx2 = lab.hosts["esx1"], lab.hosts["esx2"]
+    ledger.start(esx1, "gfs-node1")
+    ledger.start(esx2, "gfs-node2")
+    with LabDaemon(lab, ssh=FAST_KEEPALIVE, daemon={"fence_timeout": 2}) as daemon:
+        with stopped(esx2):
+            ledger.seconds = wait_for(lambda: daemon.host_state("esx2") == "down")
+            ledger.target("esx2", "gfs-node2")
+            reply = fence(daemon, "gfs-node2")
+            assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+        # Bound: keepalive_interval x (keepalive_count_max + 1) = 1.5 s, plus scheduling slack.
+        assert ledger.seconds < 1.5 * 3
+        wait_for(lambda: daemon.host_state("esx2") == "up")
+        reply = fence(daemon, "gfs-node1")
+        assert reply["ok"], reply
+        ledger.succeeded("esx1", "gfs-node1")
+    ledger.outcome = "down detected; fence on it failed; link back after thaw"
+    ledger.check()
+
+
+def test_dead_host_during_fence(lab: Lab, ledger: Ledger) -> None:
+    """sshd of esx2 killed while a fence of its VM waits on a frozen VM"""
+    esx2 = lab.hosts["esx2"]
+    ledger.start(esx2, "gfs-node2")
+    bystander = lab.hosts["esx3"]
+    ledger.start(bystander, "gfs-node3")
+    with LabDaemon(lab, daemon={"fence_timeout": 3}) as daemon, ThreadPoolExecutor(1) as pool:
+        with frozen(outside_pid(esx2, "gfs-node2")):
+            ledger.target("esx2", "gfs-node2")
+            pending = pool.submit(fence, daemon, "gfs-node2")
+            wait_for(lambda: '"op": "fence"' in daemon.log())  # the kill is on its way
+            esx2.stop_sshd()
+            start = time.monotonic()
+            reply = pending.result(timeout=30)
+            ledger.seconds = time.monotonic() - start
+            assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+        esx2.start_sshd()
+    ledger.outcome = f"fence_failed: {reply['error']['message'][:60]}"
+    ledger.check()
+
+
+def test_vm_restarted_between_inventory_and_fence(lab: Lab, ledger: Ledger) -> None:
+    """VM restarted on the same host (new cartel) after the inventory"""
+    esx1 = lab.hosts["esx1"]
+    ledger.start(esx1, "gfs-node1")
+    ledger.start(esx1, "gfs-node3")
+    with LabDaemon(lab) as daemon:
+        esx1.stop_vm("gfs-node1")
+        ledger.start(esx1, "gfs-node1")
+        start = time.monotonic()
+        reply = fence(daemon, "gfs-node1")
+        ledger.seconds = time.monotonic() - start
+        assert reply["ok"] and reply["result"]["outcome"] == "killed", reply
+        assert reply["result"]["cartel"] == ledger.vms[("esx1", "gfs-node1")][1]
+        ledger.succeeded("esx1", "gfs-node1")
+    ledger.outcome = "killed the new instance"
+    ledger.check()
+
+
+def test_vm_refuses_to_die(lab: Lab, ledger: Ledger) -> None:
+    """VM in a frozen cgroup: kill -9 stays pending past fence_timeout"""
+    esx1 = lab.hosts["esx1"]
+    ledger.start(esx1, "gfs-node1")
+    ledger.start(esx1, "gfs-node3")
+    with LabDaemon(lab, daemon={"fence_timeout": 2}) as daemon:
+        with frozen(outside_pid(esx1, "gfs-node1")):
+            ledger.target("esx1", "gfs-node1")
+            start = time.monotonic()
+            reply = fence(daemon, "gfs-node1")
+            ledger.seconds = time.monotonic() - start
+            assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+            message = reply["error"]["message"]
+            assert "still running after kill -9" in message or "fence_timeout" in message
+        # Thawed, the pending SIGKILL lands: the next fence tells the truth.
+        reply = fence(daemon, "gfs-node1")
+        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
+        ledger.succeeded("esx1", "gfs-node1")
+    ledger.outcome = f"fence_failed: {message[:50]}"
+    ledger.check()
+
+
+def test_daemon_killed_mid_fence(lab: Lab, ledger: Ledger) -> None:
+    """daemon SIGKILLed while a fence waits for a VM to die, then restarted"""
+    esx2 = lab.hosts["esx2"]
+    ledger.start(esx2, "gfs-node2")
+    ledger.start(lab.hosts["esx1"], "gfs-node1")
+    daemon = LabDaemon(lab, daemon={"fence_timeout": 5}).start()
+    try:
+        with ThreadPoolExecutor(1) as pool, frozen(outside_pid(esx2, "gfs-node2")):
+            ledger.target("esx2", "gfs-node2")
+            pending = pool.submit(fence, daemon, "gfs-node2")
+            wait_for(lambda: '"op": "fence"' in daemon.log())
+            daemon.kill()
+            with pytest.raises((ConnectionError, ValueError, OSError)):
+                pending.result(timeout=30)  # the client saw no success
+        start = time.monotonic()
+        daemon.start()
+        reply = fence(daemon, "gfs-node2")
+        ledger.seconds = time.monotonic() - start
+        assert reply["ok"], reply
+        ledger.succeeded("esx2", "gfs-node2")
+        ledger.outcome = f"restarted; repeated fence: {reply['result']['outcome']}"
+    finally:
+        daemon.close()
+    ledger.check()
+
+
+def test_hundred_concurrent_requests(lab: Lab, ledger: Ledger) -> None:
+    """100 concurrent fences: 20 VMs on 3 hosts, 5 clients each"""
+    hosts = list(lab.hosts.values())
+    for i in range(20):
+        ledger.start(hosts[i % 3], f"vm{i}")
+    for i in range(6):
+        ledger.start(hosts[i % 3], f"keep{i}")
+    with LabDaemon(lab) as daemon, ThreadPoolExecutor(100) as pool:
+        start = time.monotonic()
+        replies = list(pool.map(lambda i: fence(daemon, f"vm{i % 20}"), range(100)))
+        ledger.seconds = time.monotonic() - start
+    assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
+    for i in range(20):
+        mine = [r["result"] for r in replies if r["result"]["vm"] == f"vm{i}"]
+        started = [r for r in mine if r["outcome"] == "killed" and not r["joined"]]
+        assert len(started) == 1, (
+            mine
+        )  # one kill per VM, every other request joined or found it off
+        ledger.succeeded(hosts[i % 3].name, f"vm{i}")
+    ledger.outcome = "each VM killed once; all 100 succeeded"
+    ledger.check()
