@@ -2,33 +2,64 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from vmfenced import __version__
-from vmfenced.errors import FenceFailed, UnknownVM
-from vmfenced.fence import Fencer
+from vmfenced.errors import ConfigError, FenceFailed, UnknownVM
+from vmfenced.fence import Fencer, FenceResult
 from vmfenced.host import Host
+from vmfenced.journal import FenceEntry
 from vmfenced.model import LinkState, VMMap, alias_of
 from vmfenced.protocol import (
     FenceRequest,
+    HistoryRequest,
     ListRequest,
+    MetricsRequest,
     ProtocolError,
+    ReloadRequest,
     Request,
     StatusRequest,
     VMStatusRequest,
 )
+from vmfenced.server import Peer
+
+
+class DaemonOps(Protocol):
+    """What the daemon provides beyond the fencer: reload, the journal, the metrics."""
+
+    async def reload(self) -> dict[str, Any]:
+        """Apply the config file again; raise ConfigError (nothing changed) if it cannot."""
+        ...
+
+    async def history(self, vm: str | None, since: float | None, limit: int) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> str: ...
+
+    async def record(self, entry: FenceEntry) -> None:
+        """Make the fence record durable before the reply goes out (never raises)."""
+        ...
+
+    def record_nowait(self, entry: FenceEntry) -> None: ...
 
 
 class Api:
-    def __init__(self, fencer: Fencer, hosts: dict[str, Host], vmmap: VMMap) -> None:
+    def __init__(
+        self,
+        fencer: Fencer,
+        hosts: dict[str, Host],
+        vmmap: VMMap,
+        ops: DaemonOps | None = None,
+    ) -> None:
         self._fencer = fencer
         self._hosts = hosts
         self._map = vmmap
+        self._ops = ops
         self._started = time.monotonic()
 
-    async def handle(self, request: Request) -> dict[str, Any]:
+    async def handle(self, request: Request, peer: Peer | None = None) -> dict[str, Any]:
         try:
             match request:
                 case StatusRequest():
@@ -43,20 +74,19 @@ class Api:
                         "host": state.host,
                         "cartel": state.cartel,
                     }
-                case FenceRequest(vm=name, action=action):
-                    result, joined = await self._fencer.fence(name, action)
-                    out: dict[str, Any] = {
-                        "vm": result.vm,
-                        "action": result.action,
-                        "outcome": result.outcome,
-                        "host": result.host,
-                        "cartel": result.cartel,
-                        "elapsed_ms": result.elapsed_ms,
-                        "joined": joined,
-                    }
-                    if result.warning:
-                        out["warning"] = result.warning
-                    return out
+                case FenceRequest():
+                    return await self._fence(request, peer)
+                case ReloadRequest():
+                    try:
+                        return await self._need_ops(request).reload()
+                    except ConfigError as exc:
+                        raise ProtocolError(
+                            "reload_failed", f"configuration NOT changed: {exc}", request.id
+                        ) from None
+                case HistoryRequest(vm=vm, since=since, limit=limit):
+                    return await self._need_ops(request).history(vm, since, limit)
+                case MetricsRequest():
+                    return {"text": self._need_ops(request).metrics_text()}
         except UnknownVM as exc:
             raise ProtocolError("unknown_vm", str(exc), request.id, vm=exc.vm) from None
         except FenceFailed as exc:
@@ -65,6 +95,49 @@ class Api:
                 "fence_failed", f"{exc.reason}{where}", request.id, vm=exc.vm
             ) from None
         raise ProtocolError("unknown_op", "unhandled op", request.id)  # pragma: no cover
+
+    def _need_ops(self, request: Request) -> DaemonOps:
+        if self._ops is None:
+            raise ProtocolError("unavailable", f"{request.op} is not available here", request.id)
+        return self._ops
+
+    async def _fence(self, request: FenceRequest, peer: Peer | None) -> dict[str, Any]:
+        """Fence, then journal the outcome (whatever it is) before the reply goes out."""
+        arrived, start = time.time(), time.perf_counter()
+        entry = _Entry(request, peer, arrived, self._fencer.target(request.vm))
+        try:
+            result, joined = await self._fencer.fence(request.vm, request.action)
+        except asyncio.CancelledError:
+            # Shutdown gave up on it: still on record, without holding the cancellation up.
+            if self._ops is not None:
+                self._ops.record_nowait(entry.failed("cancelled", "daemon shutting down", start))
+            raise
+        except UnknownVM as exc:
+            await self._record(entry.failed("unknown_vm", str(exc), start))
+            raise
+        except FenceFailed as exc:
+            await self._record(entry.failed("failed", exc.reason, start, exc.host))
+            raise
+        except Exception as exc:
+            await self._record(entry.failed("error", f"{type(exc).__name__}: {exc}", start))
+            raise
+        await self._record(entry.done(result, joined, start))
+        out: dict[str, Any] = {
+            "vm": result.vm,
+            "action": result.action,
+            "outcome": result.outcome,
+            "host": result.host,
+            "cartel": result.cartel,
+            "elapsed_ms": result.elapsed_ms,
+            "joined": joined,
+        }
+        if result.warning:
+            out["warning"] = result.warning
+        return out
+
+    async def _record(self, entry: FenceEntry) -> None:
+        if self._ops is not None:
+            await self._ops.record(entry)
 
     def status(self) -> dict[str, Any]:
         hosts = []
@@ -86,7 +159,7 @@ class Api:
         out: list[dict[str, Any]] = []
         running: set[str] = set()
         for host_name, inv in self._map.hosts.items():
-            up = self._hosts[host_name].state is LinkState.UP
+            up = _up(self._hosts.get(host_name))
             for vm in inv.running:
                 running.add(vm.name)
                 out.append(
@@ -102,7 +175,7 @@ class Api:
                     }
                 )
         for host_name, inv in self._map.hosts.items():
-            up = self._hosts[host_name].state is LinkState.UP
+            up = _up(self._hosts.get(host_name))
             for reg in inv.registered or ():
                 if reg.name in running:
                     continue
@@ -124,3 +197,46 @@ class Api:
 
 def _short(vm: dict[str, Any]) -> dict[str, Any]:
     return {k: vm[k] for k in ("name", "alias", "host", "state")}
+
+
+def _up(host: Host | None) -> bool:
+    # None: a host a reload is removing; its VMs are "unknown" from now on.
+    return host is not None and host.state is LinkState.UP
+
+
+class _Entry:
+    """The parts of a journal record known when the request arrives."""
+
+    def __init__(self, request: FenceRequest, peer: Peer | None, arrived: float, target: str):
+        self._request = request
+        self._peer = peer
+        self._arrived = arrived
+        self._target = target
+
+    def _base(self, start: float) -> dict[str, Any]:
+        request, peer = self._request, self._peer
+        return {
+            "t": self._arrived,
+            "peer_uid": None if peer is None else peer.uid,
+            "peer_pid": None if peer is None else peer.pid,
+            "request_id": request.id,
+            "vm": request.vm,
+            "target": self._target,
+            "action": request.action,
+            "total_ms": round((time.perf_counter() - start) * 1000, 3),
+        }
+
+    def failed(self, result: str, reason: str, start: float, host: str | None = None) -> FenceEntry:
+        return FenceEntry(**self._base(start), result=result, ok=False, host=host, reason=reason)
+
+    def done(self, result: FenceResult, joined: bool, start: float) -> FenceEntry:
+        return FenceEntry(
+            **self._base(start),
+            result=result.outcome,
+            ok=True,
+            host=result.host,
+            cartel=result.cartel,
+            reason=result.warning,
+            joined=joined,
+            elapsed_ms=result.elapsed_ms,
+        )

@@ -148,6 +148,22 @@ class Client:
     def fence(self, vm: str, action: str) -> FenceResult:
         return parse_fence(self.call("fence", vm=vm, action=action))
 
+    def reload(self) -> ReloadResult:
+        return parse_reload(self.call("reload"))
+
+    def history(
+        self, vm: str | None = None, since: float | None = None, limit: int = 100
+    ) -> HistoryResult:
+        fields: JsonObject = {"limit": limit}
+        if vm is not None:
+            fields["vm"] = vm
+        if since is not None:
+            fields["since"] = since
+        return parse_history(self.call("history", **fields))
+
+    def metrics(self) -> str:
+        return parse_metrics(self.call("metrics"))
+
     def _timeout(self, op: str) -> DaemonTimeout:
         return DaemonTimeout(self.path, op, self.timeout_s if self.timeout_s is not None else 0.0)
 
@@ -404,6 +420,94 @@ def parse_vm_status(result: JsonObject) -> VmState:
         host=_opt_str(result, "host", "vm_status"),
         cartel=_opt_int(result, "cartel", "vm_status"),
     )
+
+
+class ReloadResult(NamedTuple):
+    changed: bool
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    replaced: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    settings: tuple[str, ...]
+    elapsed_ms: float | None
+
+
+class HistoryEntry(NamedTuple):
+    t: float
+    vm: str
+    target: str
+    action: str
+    result: str
+    ok: bool
+    host: str | None
+    cartel: int | None
+    reason: str | None
+    joined: bool
+    elapsed_ms: float | None
+    total_ms: float | None
+    peer_uid: int | None
+    peer_pid: int | None
+
+
+class HistoryResult(NamedTuple):
+    entries: tuple[HistoryEntry, ...]
+    skipped: int
+    journal: str | None
+
+
+def _names(obj: JsonObject, key: str, where: str) -> tuple[str, ...]:
+    items: list[object] = _get(obj, key, list, where)
+    if not all(isinstance(item, str) for item in items):
+        raise ProtocolViolation(f"{where}: {key!r} holds a non-string")
+    return tuple(str(item) for item in items)
+
+
+def parse_reload(result: JsonObject) -> ReloadResult:
+    return ReloadResult(
+        changed=_get(result, "changed", bool, "reload"),
+        added=_names(result, "added", "reload"),
+        removed=_names(result, "removed", "reload"),
+        replaced=_names(result, "replaced", "reload"),
+        unchanged=_names(result, "unchanged", "reload"),
+        settings=_names(result, "settings", "reload"),
+        elapsed_ms=_opt_num(result, "elapsed_ms", "reload"),
+    )
+
+
+def _history_entry(obj: JsonObject) -> HistoryEntry:
+    where = "history entry"
+    peer = obj.get("peer")
+    peer = peer if isinstance(peer, dict) else {}
+    joined = obj.get("joined")
+    return HistoryEntry(
+        t=_num(obj, "t", where),
+        vm=_str(obj, "vm", where),
+        target=_str(obj, "target", where),
+        action=_str(obj, "action", where),
+        result=_str(obj, "result", where),
+        ok=_get(obj, "ok", bool, where),
+        host=_opt_str(obj, "host", where),
+        cartel=_opt_int(obj, "cartel", where),
+        reason=_opt_str(obj, "reason", where),
+        joined=joined is True,
+        elapsed_ms=_opt_num(obj, "elapsed_ms", where),
+        total_ms=_opt_num(obj, "total_ms", where),
+        peer_uid=_opt_int(peer, "uid", where),
+        peer_pid=_opt_int(peer, "pid", where),
+    )
+
+
+def parse_history(result: JsonObject) -> HistoryResult:
+    skipped = result.get("skipped")
+    return HistoryResult(
+        entries=tuple(_history_entry(e) for e in _objects(result, "entries", "history")),
+        skipped=skipped if isinstance(skipped, int) and not isinstance(skipped, bool) else 0,
+        journal=_opt_str(result, "journal", "history"),
+    )
+
+
+def parse_metrics(result: JsonObject) -> str:
+    return _str(result, "text", "metrics")
 
 
 def parse_fence(result: JsonObject) -> FenceResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vmfenced.errors import ConfigError
 
 DEFAULT_SOCKET = Path("/run/vmfenced/vmfenced.sock")
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/vmfenced")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 Seconds = Annotated[float, Field(gt=0, le=86400)]
@@ -29,6 +31,10 @@ class DaemonConfig(_Frozen):
     inventory_interval: Annotated[float, Field(ge=1, le=86400)] = 30
     fence_timeout: Annotated[float, Field(gt=0, le=600)] = 10
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 15
+    # The fence journal (fences.jsonl) lives here; systemd's StateDirectory=vmfenced.
+    state_directory: Path = DEFAULT_STATE_DIRECTORY
+    journal_max_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 8 << 20
+    journal_keep: Annotated[int, Field(ge=1, le=100)] = 5
 
     @field_validator("socket_mode", mode="before")
     @classmethod
@@ -43,12 +49,45 @@ class DaemonConfig(_Frozen):
             raise ValueError("must be between 0000 and 0777")
         return value
 
-    @field_validator("socket")
+    @field_validator("socket", "state_directory")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         if not value.is_absolute():
             raise ValueError("must be an absolute path")
         return value
+
+
+class MetricsConfig(_Frozen):
+    # "ADDRESS:PORT" ("[::1]:9105" for IPv6) of the Prometheus HTTP endpoint; off when unset.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_endpoint(value)
+        return value
+
+    def endpoint(self) -> tuple[str, int] | None:
+        return None if self.listen is None else split_endpoint(self.listen)
+
+
+def split_endpoint(text: str) -> tuple[str, int]:
+    """ADDRESS:PORT ("127.0.0.1:9105", "[::1]:9105") -> (address, port), or a ValueError."""
+    address, sep, port_text = text.rpartition(":")
+    if not sep or not address:
+        raise ValueError(f"must be ADDRESS:PORT like '127.0.0.1:9105', not {text!r}")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    elif ":" in address:
+        raise ValueError(f"write an IPv6 address in brackets, like '[::1]:9105', not {text!r}")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{address!r} is not an IP address (names are not resolved)") from None
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1 to 65535, not {port_text!r}")
+    return address, int(port_text)
 
 
 class SSHConfig(_Frozen):
@@ -66,7 +105,11 @@ class HostConfig(_Frozen):
     name: Annotated[str, Field(pattern=_NAME)]
     address: Annotated[str, Field(min_length=1, max_length=255)]
     port: Annotated[int, Field(ge=1, le=65535)] = 22
-    kind: Literal["esxi"] = "esxi"
+    kind: Literal["esxi", "libvirt"] = "esxi"
+    # libvirt hosts only: the libvirtd that virsh talks to (LIBVIRT_DEFAULT_URI on the host).
+    libvirt_uri: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://[^\s]*$", max_length=1024)] = (
+        "qemu:///system"
+    )
     # Per-host overrides of [ssh]; None means "use the default".
     username: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     client_keys: Annotated[tuple[Path, ...], Field(min_length=1)] | None = None
@@ -74,6 +117,12 @@ class HostConfig(_Frozen):
     connect_timeout: Seconds | None = None
     keepalive_interval: Seconds | None = None
     keepalive_count_max: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    @model_validator(mode="after")
+    def _libvirt_only(self) -> HostConfig:
+        if self.kind != "libvirt" and "libvirt_uri" in self.model_fields_set:
+            raise ValueError(f'libvirt_uri: only for kind = "libvirt" (this host is {self.kind})')
+        return self
 
 
 _SSH_KEYS = tuple(SSHConfig.model_fields)
@@ -84,6 +133,7 @@ class Config(_Frozen):
     ssh: SSHConfig = SSHConfig()
     hosts: tuple[HostConfig, ...]
     aliases: dict[Annotated[str, Field(min_length=1, max_length=256)], str] = {}
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

@@ -4,6 +4,9 @@
     vmfencectl [--socket PATH] list [--json]
     vmfencectl [--socket PATH] vm-status VM [--json]
     vmfencectl [--socket PATH] fence VM [--action off|on|reboot] [--json]
+    vmfencectl [--socket PATH] reload [--json]
+    vmfencectl [--socket PATH] history [--vm VM] [--since T] [--limit N] [--json]
+    vmfencectl [--socket PATH] metrics
 
 Exit status: 0 success, 1 the daemon failed or could not be reached, 2 usage error.
 Standard library only, like the fence agent: it starts as a new process on every call.
@@ -15,9 +18,11 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import NoReturn, TextIO
 
 from vmfenced import __version__
@@ -29,7 +34,10 @@ from vmfenced.client import (
     DaemonError,
     JsonObject,
     parse_fence,
+    parse_history,
     parse_list,
+    parse_metrics,
+    parse_reload,
     parse_status,
     parse_vm_status,
     vm_name_problem,
@@ -39,6 +47,11 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_TIMEOUT_S = 30.0
+# A reload waits for fences in flight and for new hosts' first connection.
+RELOAD_TIMEOUT_S = 120.0
+MAX_HISTORY = 10_000
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 
 Clock = Callable[[], float]
 
@@ -72,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help=f"seconds to wait for each reply (default {DEFAULT_TIMEOUT_S:g})",
+        default=None,
+        help=f"seconds to wait for each reply (default {DEFAULT_TIMEOUT_S:g}, "
+        f"reload {RELOAD_TIMEOUT_S:g})",
     )
     parser.add_argument("--version", action="version", version=f"vmfencectl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -86,7 +100,44 @@ def build_parser() -> argparse.ArgumentParser:
     fence = sub.add_parser("fence", parents=[common], help="fence a VM")
     fence.add_argument("vm", metavar="VM")
     fence.add_argument("--action", choices=FENCE_ACTIONS, default="off")
+    sub.add_parser(
+        "reload", parents=[common], help="re-read the config file (like systemctl reload)"
+    )
+    history = sub.add_parser("history", parents=[common], help="fences from the journal")
+    history.add_argument("--vm", metavar="VM", help="only this VM (alias or VM name)")
+    history.add_argument(
+        "--since",
+        metavar="T",
+        help="only from T on: 2025-11-24T16:00:00Z, 2025-11-24, a Unix time, or an age: 90s, "
+        "15m, 2h, 3d, 1w",
+    )
+    history.add_argument(
+        "--limit", type=int, default=100, help="at most this many, the newest (default 100)"
+    )
+    sub.add_parser("metrics", help="the Prometheus metrics, as text")
     return parser
+
+
+def parse_since(text: str, now: float) -> float:
+    """--since as a Unix time: ISO 8601 (naive = local time), a Unix time, or an age like 2h."""
+    value = text.strip()
+    relative = _RELATIVE.match(value)
+    if relative:
+        return now - float(relative.group(1)) * _UNITS[relative.group(2)]
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(number):
+            return number
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise UsageError(
+            f"--since {value!r}: expected a date/time like 2025-11-24T16:00:00Z, "
+            "a Unix time, or an age like 90s, 15m, 2h, 3d, 1w"
+        ) from None
 
 
 def _clean(text: object) -> str:
@@ -180,6 +231,56 @@ def render_fence(result: JsonObject) -> str:
     return text
 
 
+def render_reload(result: JsonObject) -> str:
+    r = parse_reload(result)
+    if not r.changed:
+        return "reloaded: no change\n"
+    parts = [
+        f"{what} {', '.join(_clean(n) for n in names)}"
+        for what, names in (
+            ("added", r.added),
+            ("removed", r.removed),
+            ("replaced", r.replaced),
+            ("changed", r.settings),
+        )
+        if names
+    ]
+    kept = f" (links kept: {', '.join(_clean(n) for n in r.unchanged)})" if r.unchanged else ""
+    return "reloaded: " + "; ".join(parts) + kept + "\n"
+
+
+def _utc(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def render_history(result: JsonObject) -> str:
+    h = parse_history(result)
+    rows = []
+    for e in h.entries:
+        vm = e.vm if e.vm == e.target else f"{e.vm} -> {e.target}"
+        took = e.total_ms if e.total_ms is not None else e.elapsed_ms
+        rows.append(
+            (
+                _utc(e.t),
+                vm,
+                e.action,
+                e.result + (" (joined)" if e.joined else ""),
+                e.host,
+                e.cartel,
+                "-" if took is None else f"{took:.1f}",
+                f"uid={e.peer_uid} pid={e.peer_pid}" if e.peer_uid is not None else None,
+                e.reason,
+            )
+        )
+    text = table(
+        ("TIME (UTC)", "VM", "ACTION", "RESULT", "HOST", "CARTEL", "MS", "ASKED BY", "REASON"),
+        rows,
+    )
+    if h.skipped:
+        text += f"({h.skipped} unreadable journal line(s) skipped, e.g. torn by a crash)\n"
+    return text
+
+
 def _request(client: Client, args: argparse.Namespace) -> JsonObject:
     if args.command == "status":
         return client.call("status")
@@ -187,10 +288,23 @@ def _request(client: Client, args: argparse.Namespace) -> JsonObject:
         return client.call("list")
     if args.command == "vm-status":
         return client.call("vm_status", vm=args.vm)
+    if args.command == "reload":
+        return client.call("reload")
+    if args.command == "history":
+        fields: JsonObject = {"limit": args.limit}
+        if args.vm is not None:
+            fields["vm"] = args.vm
+        if args.since_t is not None:
+            fields["since"] = args.since_t
+        return client.call("history", **fields)
+    if args.command == "metrics":
+        return client.call("metrics")
     return client.call("fence", vm=args.vm, action=args.action)
 
 
 def _render(args: argparse.Namespace, result: JsonObject, now: float) -> str:
+    if args.command == "metrics":
+        return parse_metrics(result)
     if args.json:
         return json.dumps(result, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
     if args.command == "status":
@@ -199,35 +313,47 @@ def _render(args: argparse.Namespace, result: JsonObject, now: float) -> str:
         return render_list(result)
     if args.command == "vm-status":
         return render_vm_status(result)
+    if args.command == "reload":
+        return render_reload(result)
+    if args.command == "history":
+        return render_history(result)
     return render_fence(result)
 
 
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str], now: float) -> argparse.Namespace:
     args = parser.parse_args(list(argv))
     if getattr(args, "vm", None) is not None:
         problem = vm_name_problem(args.vm)
         if problem is not None:
             raise UsageError(problem)
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError("--timeout must be a positive number of seconds")
+    if args.command == "history":
+        if not 1 <= args.limit <= MAX_HISTORY:
+            raise UsageError(f"--limit must be 1 to {MAX_HISTORY}")
+        args.since_t = None if args.since is None else parse_since(args.since, now)
     return args
 
 
 def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO, *, clock: Clock = time.time) -> int:
     """The whole command, without exiting: returns the exit status."""
     parser = build_parser()
+    now = clock()
     try:
-        args = _parse(parser, argv)
+        args = _parse(parser, argv, now)
     except _Exit as exc:
         return exc.status
     except UsageError as exc:
         stderr.write(parser.format_usage())
         stderr.write(f"vmfencectl: error: {exc}\n")
         return EXIT_USAGE
+    timeout = args.timeout
+    if timeout is None:
+        timeout = RELOAD_TIMEOUT_S if args.command == "reload" else DEFAULT_TIMEOUT_S
     try:
-        with Client(args.socket, timeout_s=args.timeout) as client:
+        with Client(args.socket, timeout_s=timeout) as client:
             result = _request(client, args)
-            stdout.write(_render(args, result, clock()))
+            stdout.write(_render(args, result, now))
     except DaemonError as exc:
         stderr.write(f"vmfencectl: daemon error {_clean(exc)}\n")
         return EXIT_FAILED

@@ -1,4 +1,4 @@
-"""`vmfenced`: the composition root. Builds every part from the config, runs, tears down."""
+"""`vmfenced`: the composition root. Builds every part from the config; runs, reloads, stops."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,33 +17,26 @@ import structlog
 
 from vmfenced import __version__, logsetup
 from vmfenced.api import Api
-from vmfenced.backends import Backend, esxi
+from vmfenced.backends import Backend, esxi, libvirt
 from vmfenced.config import Config, check_environment, load
 from vmfenced.errors import ConfigError, StartupError
 from vmfenced.fence import Fencer
 from vmfenced.host import Host
-from vmfenced.inventory import InventoryService
+from vmfenced.hostset import HostSet
+from vmfenced.journal import FenceEntry, Journal, JournalError
 from vmfenced.link import Lane
+from vmfenced.metrics import Metrics, MetricsServer
 from vmfenced.model import LinkState, VMMap
-from vmfenced.notify import Notifier
-from vmfenced.server import SocketServer
+from vmfenced.notify import Notifier, watchdog_interval
+from vmfenced.protocol import FenceRequest, Request, VMStatusRequest
+from vmfenced.reload import ReloadPlan, load_keys, plan, prepare
+from vmfenced.server import Peer, SocketServer
+from vmfenced.watchdog import Watchdog, journal_flowing, socket_accepts
 
 DEFAULT_CONFIG = Path("/etc/vmfenced/vmfenced.toml")
-BACKENDS: dict[str, Backend] = {"esxi": esxi.BACKEND}
+BACKENDS: dict[str, Backend] = {"esxi": esxi.BACKEND, "libvirt": libvirt.BACKEND}
 
-
-def load_keys(config: Config) -> dict[Path, asyncssh.SSHKey]:
-    keys: dict[Path, asyncssh.SSHKey] = {}
-    for host in config.hosts:
-        for path in config.ssh_for(host).client_keys:
-            if path in keys:
-                continue
-            try:
-                keys[path] = asyncssh.read_private_key(path)
-            except (OSError, asyncssh.KeyImportError, ValueError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-                raise StartupError(f"cannot read client key {path}: {reason}") from None
-    return keys
+__all__ = ["BACKENDS", "Daemon", "check", "load_keys", "main"]
 
 
 def check(path: Path) -> list[str]:
@@ -60,57 +54,64 @@ def check(path: Path) -> list[str]:
     return problems
 
 
+def open_journal(config: Config) -> Journal:
+    daemon = config.daemon
+    journal = Journal(daemon.state_directory, daemon.journal_max_bytes, daemon.journal_keep)
+    journal.open()
+    return journal
+
+
 class Daemon:
-    def __init__(self, config: Config, keys: dict[Path, asyncssh.SSHKey]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keys: dict[Path, asyncssh.SSHKey],
+        journal: Journal,
+        config_path: Path = DEFAULT_CONFIG,
+    ) -> None:
         self.config = config
+        self.keys = keys
+        self.journal = journal
+        self.config_path = config_path
         self.stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
+        self._reload_lock = asyncio.Lock()
         self._failed = False
+        self._busy = 0  # fence and vm_status requests being answered
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self._log = structlog.get_logger("vmfenced")
         self._notifier = Notifier.from_environment()
         self.map = VMMap()
-        self.hosts = {
-            h.name: Host(
-                h,
-                config.ssh_for(h),
-                BACKENDS[h.kind],
-                [keys[p] for p in config.ssh_for(h).client_keys],
-                self._lane_changed,
-            )
-            for h in config.hosts
-        }
-        self.inventory = InventoryService(self.hosts, self.map, config.daemon.inventory_interval)
+        self.hostset = HostSet(
+            self.map, BACKENDS, self._spawn, self._lane_changed, config.daemon.inventory_interval
+        )
+        self.hosts = self.hostset.hosts
         self.fencer = Fencer(
             self.hosts,
             self.map,
             dict(config.aliases),
             config.daemon.fence_timeout,
-            self.inventory.request,
+            self.hostset.request,
         )
+        self.metrics = Metrics(self.hosts, self.map, lambda: len(self.fencer.inflight()))
+        self._metrics_server: MetricsServer | None = None
+        self.api = Api(self.fencer, self.hosts, self.map, self)
         self.server = SocketServer(
             config.daemon.socket,
             config.daemon.socket_mode,
             config.daemon.socket_group,
-            Api(self.fencer, self.hosts, self.map).handle,
+            self._handle,
         )
 
-    def _lane_changed(self, host: Host, lane: Lane) -> None:
-        self._log.info(
-            "lane state", host=host.name, lane=lane.name, state=lane.state.value, reason=lane.reason
-        )
-        if lane.state is LinkState.UP and lane is host.inventory:
-            self.inventory.request(host.name)
-        if lane is host.fence:
-            self._notifier.send(f"STATUS={self._status_line()}")
+    # -- tasks and events ----------------------------------------------------------------------
 
-    def _status_line(self) -> str:
-        up = sum(1 for h in self.hosts.values() if h.state is LinkState.UP)
-        return f"{up}/{len(self.hosts)} hosts up"
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -123,18 +124,55 @@ class Daemon:
             self._failed = True
             self.stop.set()
 
+    def _lane_changed(self, host: Host, lane: Lane) -> None:
+        active = self.hostset.is_active(host)
+        self._log.info(
+            "lane state",
+            host=host.name,
+            lane=lane.name,
+            state=lane.state.value,
+            reason=lane.reason,
+            **({} if active else {"pending": True}),
+        )
+        self.metrics.lane_changed(host, lane)
+        if not active:
+            return  # a host a reload is bringing in: it serves nothing yet
+        if lane.state is LinkState.UP and lane is host.inventory:
+            self.hostset.request(host.name)
+        if lane is host.fence:
+            self._notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        up = sum(1 for h in self.hosts.values() if h.state is LinkState.UP)
+        return f"{up}/{len(self.hosts)} hosts up"
+
+    # -- run -----------------------------------------------------------------------------------
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        started = False
         try:
             await self.server.start()
+            started = True
+            endpoint = self.config.metrics.endpoint()
+            if endpoint is not None:
+                self._metrics_server = MetricsServer(self.metrics, *endpoint)
+                await self._metrics_server.start()
         except StartupError as exc:
             self._log.error("cannot start", reason=str(exc))
+            # Like every other startup error: one plain line on stderr, whatever the log format.
+            print(f"vmfenced: {exc}", file=sys.stderr, flush=True)
+            if started:  # never remove a socket another daemon listens on
+                await self.server.close(grace=0)
+            await asyncio.to_thread(self.journal.close)
             return 1
-        for host in self.hosts.values():
-            host.start(self._spawn)
-        self.inventory.start(self._spawn)
+        for host in self.hostset.build(self.config, self.keys, [h.name for h in self.config.hosts]):
+            self.hostset.start(host)
+            self.hostset.activate(host)
+        self._start_watchdog()
         self._log.info("listening", socket=str(self.config.daemon.socket), hosts=len(self.hosts))
         first = max(self.config.ssh_for(h).connect_timeout for h in self.config.hosts) * 2 + 5
         ready = asyncio.ensure_future(self._ready_when_inventoried(first))
@@ -144,9 +182,24 @@ class Daemon:
         return 1 if self._failed else 0
 
     async def _ready_when_inventoried(self, timeout: float) -> None:
-        complete = await self.inventory.first_round(timeout)
-        self._notifier.send("READY=1", f"STATUS={self._status_line()}")
+        complete = await self.hostset.first_round(timeout)
+        self._notifier.ready(self._status_line())
         self._log.info("ready", inventoried=complete, status=self._status_line())
+
+    def _start_watchdog(self) -> None:
+        interval = watchdog_interval()
+        if interval is None or not self._notifier.enabled:
+            return
+        watchdog = Watchdog(
+            self._notifier,
+            interval,
+            [
+                socket_accepts(self.config.daemon.socket),
+                journal_flowing(self.journal.stuck_for, interval / 2),
+            ],
+        )
+        self._log.info("watchdog on", interval_s=interval, ping_every_s=watchdog.period)
+        self._spawn(watchdog.run(), "watchdog")
 
     def _on_signal(self) -> None:
         if self.stop.is_set():
@@ -156,10 +209,19 @@ class Daemon:
         self._log.info("stopping")
         self.stop.set()
 
+    def _on_sighup(self) -> None:
+        if self.stop.is_set():
+            self._log.warning("SIGHUP ignored: shutting down")
+            return
+        self._start_reload("SIGHUP")
+
     async def _shutdown(self) -> None:
-        self._notifier.send("STOPPING=1")
+        self._notifier.stopping()
         grace = self.config.daemon.shutdown_timeout
         self.server.stop_accepting()
+        for reload in list(self._reloads):
+            reload.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         inflight = self.fencer.inflight()
         if inflight:
             self._log.info("waiting for fences in flight", count=len(inflight))
@@ -167,17 +229,161 @@ class Daemon:
             for fence in late:
                 fence.cancel()
         await self.server.close(grace=1.0)
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(h.close() for h in self.hosts.values()), return_exceptions=True)
+        await self.hostset.close()
+        # Records of fences cancelled above are still queued: written before the exit.
+        await asyncio.to_thread(self.journal.close)
         self._notifier.close()
         self._log.info("stopped")
 
+    # -- requests ------------------------------------------------------------------------------
 
-async def _serve(config: Config, keys: dict[Path, asyncssh.SSHKey]) -> int:
+    async def _handle(self, request: Request, peer: Peer) -> dict[str, Any]:
+        # A reload swaps hosts only while no fence or live status is being answered.
+        counted = isinstance(request, FenceRequest | VMStatusRequest)
+        if counted:
+            self._busy += 1
+            self._quiet.clear()
+        try:
+            return await self.api.handle(request, peer)
+        finally:
+            if counted:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._quiet.set()
+
+    async def _drained(self) -> None:
+        """Return (without a later await) once nothing uses the hosts for a fence or status."""
+        told = False
+        while True:
+            fences = self.fencer.inflight()
+            if not fences and self._busy == 0:
+                return
+            if not told:
+                self._log.info("reload waits for fences in flight", count=len(fences) or self._busy)
+                told = True
+            if fences:
+                await asyncio.wait(fences)
+            else:
+                await self._quiet.wait()
+
+    # -- DaemonOps: what the API asks of the daemon ---------------------------------------------
+
+    async def record(self, entry: FenceEntry) -> None:
+        self.metrics.observe_fence(entry.action, entry.result, (entry.total_ms or 0) / 1000)
+        try:
+            await self.journal.append(entry.record())
+        except JournalError as exc:
+            # The fence happened: its reply must not be lost because the audit trail was.
+            self.metrics.journal_errors.inc()
+            self._log.error("fence not journaled", vm=entry.vm, host=entry.host, reason=exc.reason)
+
+    def record_nowait(self, entry: FenceEntry) -> None:
+        self.metrics.observe_fence(entry.action, entry.result, (entry.total_ms or 0) / 1000)
+        self.journal.submit(entry.record())
+
+    async def history(self, vm: str | None, since: float | None, limit: int) -> dict[str, Any]:
+        entries, skipped = await self.journal.read(vm, since, limit)
+        return {"entries": entries, "skipped": skipped, "journal": str(self.journal.path)}
+
+    def metrics_text(self) -> str:
+        return self.metrics.render().decode()
+
+    async def reload(self) -> dict[str, Any]:
+        return await asyncio.shield(self._start_reload("request"))
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def _start_reload(self, origin: str) -> asyncio.Task[dict[str, Any]]:
+        task = asyncio.create_task(self._reload(origin), name=f"reload-{origin}")
+        self._reloads.add(task)
+
+        def done(t: asyncio.Task[dict[str, Any]]) -> None:
+            self._reloads.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved: _reload logged it; a SIGHUP has nobody to tell
+
+        task.add_done_callback(done)
+        return task
+
+    async def _reload(self, origin: str) -> dict[str, Any]:
+        async with self._reload_lock:
+            self._notifier.reloading()
+            self._log.info("reloading", origin=origin, config=str(self.config_path))
+            started = time.perf_counter()
+            try:
+                applied = await self._apply_reload()
+            except ConfigError as exc:
+                self.metrics.reloads.labels("failed").inc()
+                self._log.error(
+                    "reload failed: configuration NOT changed",
+                    origin=origin,
+                    problems=list(exc.problems),
+                )
+                raise
+            except Exception as exc:
+                self.metrics.reloads.labels("failed").inc()
+                self._log.exception("reload failed", origin=origin)
+                raise ConfigError(str(self.config_path), [f"internal error: {exc!r}"]) from None
+            finally:
+                if not self.stop.is_set():
+                    self._notifier.ready(self._status_line())
+            self.metrics.reloads.labels("ok").inc()
+            summary = applied.summary()
+            summary["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            self._log.info("reloaded", origin=origin, **summary)
+            return summary
+
+    async def _apply_reload(self) -> ReloadPlan:
+        source = str(self.config_path)
+        new, keys = await asyncio.to_thread(prepare, self.config_path)
+        applied = plan(self.config, self.keys, new, keys, source)
+        old_metrics = self._metrics_server
+        new_metrics = old_metrics
+        try:
+            if "metrics.listen" in applied.settings:
+                endpoint = new.metrics.endpoint()
+                new_metrics = None if endpoint is None else MetricsServer(self.metrics, *endpoint)
+                if new_metrics is not None:
+                    await new_metrics.start()
+            before, after = self.config.daemon, new.daemon
+            if (before.socket_mode, before.socket_group) != (after.socket_mode, after.socket_group):
+                self.server.set_access(after.socket_mode, after.socket_group)
+            retired = await self.hostset.reload(applied, self._drained)
+        except StartupError as exc:
+            if new_metrics is not old_metrics and new_metrics is not None:
+                await new_metrics.close()
+            raise ConfigError(source, [str(exc)]) from None
+        except BaseException:
+            if new_metrics is not old_metrics and new_metrics is not None:
+                await new_metrics.close()
+            raise
+        # Same step as the host swap (no await since): the rest of the config follows at once.
+        self.fencer.aliases = dict(new.aliases)
+        self.fencer.fence_timeout = new.daemon.fence_timeout
+        self.journal.set_limits(new.daemon.journal_max_bytes, new.daemon.journal_keep)
+        self.config, self.keys = new, keys
+        self._metrics_server = new_metrics
+        for name in applied.removed:
+            self.metrics.forget(name)
+        for kind in ("added", "replaced", "removed"):
+            for name in getattr(applied, kind):
+                self._log.info(f"host {kind}", host=name)
+        await asyncio.gather(*(self.hostset.retire(h) for h in retired), return_exceptions=True)
+        if old_metrics is not None and old_metrics is not new_metrics:
+            await old_metrics.close()
+        return applied
+
+
+async def _serve(
+    config: Config, keys: dict[Path, asyncssh.SSHKey], journal: Journal, config_path: Path
+) -> int:
     # Built inside the loop: locks and events belong to the loop that runs them.
-    return await Daemon(config, keys).run()
+    return await Daemon(config, keys, journal, config_path).run()
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -210,13 +416,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         if problems:
             raise ConfigError(str(args.config), problems)
         keys = load_keys(config)
+        journal = open_journal(config)
     except (ConfigError, StartupError) as exc:
         print(f"vmfenced: {exc}", file=sys.stderr)
         sys.exit(1)
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        code = runner.run(_serve(config, keys))
+        code = runner.run(_serve(config, keys, journal, args.config.absolute()))
     sys.exit(code)
 
 

@@ -40,7 +40,7 @@ class Host:
             on_change(self, lane)
 
         lane_args: dict[str, Any] = {
-            "setup": backend.session_setup,
+            "setup": backend.session_setup(config),
             "client_keys": client_keys,
             "on_change": listener,
         }

@@ -28,6 +28,10 @@ class InventoryService:
         for host in self._hosts.values():
             spawn(self._loop(host), f"{host.name}-inventory-loop")
 
+    def set_interval(self, seconds: float) -> None:
+        """Read by each loop before its next wait: a reload's new interval applies from then."""
+        self._interval = seconds
+
     def request(self, host: str) -> None:
         """Refresh that host soon (after a fence, at link-up); never waits."""
         event = self._wake.get(host)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 MAX_REQUEST = 64 * 1024
+MAX_HISTORY = 10_000
 ERROR_CODES = frozenset(
     {
         "bad_request",
@@ -16,6 +17,7 @@ ERROR_CODES = frozenset(
         "permission_denied",
         "unknown_vm",
         "fence_failed",
+        "reload_failed",
         "unavailable",
         "internal",
     }
@@ -49,11 +51,33 @@ class FenceRequest(_Request):
     action: Literal["off", "on", "reboot"] = "off"
 
 
+class ReloadRequest(_Request):
+    op: Literal["reload"]
+
+
+class HistoryRequest(_Request):
+    op: Literal["history"]
+    vm: VMName | None = None
+    since: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_HISTORY)] = 100
+
+
+class MetricsRequest(_Request):
+    op: Literal["metrics"]
+
+
 Request = Annotated[
-    StatusRequest | ListRequest | VMStatusRequest | FenceRequest, Field(discriminator="op")
+    StatusRequest
+    | ListRequest
+    | VMStatusRequest
+    | FenceRequest
+    | ReloadRequest
+    | HistoryRequest
+    | MetricsRequest,
+    Field(discriminator="op"),
 ]
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
-OPS = frozenset({"status", "list", "vm_status", "fence"})
+OPS = frozenset({"status", "list", "vm_status", "fence", "reload", "history", "metrics"})
 
 
 class ProtocolError(Exception):

@@ -19,7 +19,7 @@ import structlog
 from vmfenced.errors import StartupError
 from vmfenced.protocol import MAX_REQUEST, ProtocolError, Request, decode, reply_error, reply_ok
 
-Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+Handler = Callable[[Request, "Peer"], Awaitable[dict[str, Any]]]
 # A client that does not read its replies must not pin a connection forever.
 WRITE_TIMEOUT = 10.0
 MAX_CLIENTS = 1024
@@ -93,6 +93,18 @@ class SocketServer:
             return  # stale: nobody listens
         writer.close()
         raise StartupError(f"socket {self.path} is in use by a live daemon")
+
+    def set_access(self, mode: int, group: str | None) -> None:
+        """Apply a reloaded socket_mode / socket_group to the live socket; StartupError if not."""
+        try:
+            gid = grp.getgrnam(group).gr_gid if group else None
+            os.chown(self.path, -1, os.getegid() if gid is None else gid)
+            self.path.chmod(mode)
+        except KeyError:
+            raise StartupError(f"daemon.socket_group: no group named {group!r}") from None
+        except OSError as exc:
+            raise StartupError(f"cannot set access on {self.path}: {exc.strerror}") from None
+        self._mode, self._group, self._gid = mode, group, gid
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -174,7 +186,7 @@ class SocketServer:
             if not self._accepting:
                 raise ProtocolError("unavailable", "the daemon is shutting down", request.id)
             self._log.debug("request", op=request.op, uid=peer.uid, pid=peer.pid)
-            return reply_ok(request.id, await self._handler(request))
+            return reply_ok(request.id, await self._handler(request, peer))
         except ProtocolError as exc:
             return reply_error(exc.request_id, exc.code, exc.message, exc.vm)
         except Exception as exc:

@@ -8,5 +8,6 @@ and VMs that are real processes (``vmflab/vmx.c``).
 from vmflab.control import LabError, SshCommandError
 from vmflab.host import LabHost, RunningVm
 from vmflab.lab import Lab
+from vmflab.libvirt import LibvirtHost
 
-__all__ = ["Lab", "LabError", "LabHost", "RunningVm", "SshCommandError"]
+__all__ = ["Lab", "LabError", "LabHost", "LibvirtHost", "RunningVm", "SshCommandError"]

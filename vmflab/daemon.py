@@ -44,6 +44,8 @@ def render_config(
         "socket_mode": "0660",
         "inventory_interval": 30,
         "fence_timeout": 5,
+        # The fence journal of a lab daemon stays with the lab, never in /var/lib/vmfenced.
+        "state_directory": str(socket_path.parent / "state"),
         **(daemon or {}),
     }
     ssh_keys = {
@@ -59,10 +61,13 @@ def render_config(
     lines += [f"{k} = {toml_value(v)}" for k, v in daemon_keys.items()]
     lines += ["", "[ssh]"]
     lines += [f"{k} = {toml_value(v)}" for k, v in ssh_keys.items()]
-    for name in hosts if hosts is not None else list(lab.hosts):
-        host = lab.hosts[name]
+    for name in hosts if hosts is not None else lab.host_names():
+        host = lab.host(name)
         lines += ["", "[[hosts]]", f"name = {toml_value(name)}"]
-        lines += [f"address = {toml_value(host.address)}", f"port = {host.port}", 'kind = "esxi"']
+        lines += [f"address = {toml_value(host.address)}", f"port = {host.port}"]
+        lines += [f"kind = {toml_value(host.kind)}"]
+        if host.username != lab.username:
+            lines += [f"username = {toml_value(host.username)}"]
     lines += ["", "[aliases]"]
     lines += [f"{toml_value(k)} = {toml_value(v)}" for k, v in (aliases or {}).items()]
     return "\n".join(lines) + "\n"

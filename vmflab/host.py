@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from vmflab.control import InitControl, LabError, SshCommandError
 from vmflab.vmfs import HostFiles, vmx_text
@@ -50,6 +51,8 @@ class SshSettings:
 class LabHost:
     """A lab ESXi host. Reached only through SSH, except ``set_next_pid`` and teardown."""
 
+    kind: ClassVar[str] = "esxi"
+
     def __init__(
         self,
         *,
@@ -74,6 +77,11 @@ class LabHost:
         self._pid_ns: int | None = None
         self._vms: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    @property
+    def username(self) -> str:
+        """The login user of this host."""
+        return self._ssh.username
 
     # ----------------------------------------------------------------- lifecycle
     def launch(self) -> None:
@@ -217,58 +225,13 @@ class LabHost:
     # ---------------------------------------------------------------------- ssh
     def ssh_argv(self, command: str) -> list[str]:
         """The OpenSSH client command line that runs ``command`` on this host as the lab user."""
-        return [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-i",
-            str(self._ssh.client_key),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"UserKnownHostsFile={self._ssh.known_hosts}",
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "ConnectTimeout=5",
-            "-o",
-            "LogLevel=ERROR",
-            "-p",
-            str(self.port),
-            "-l",
-            self._ssh.username,
-            "--",
-            self.address,
-            command,
-        ]
+        return ssh_argv(self._ssh, self.address, self.port, command)
 
     def ssh(
         self, command: str, *, check: bool = True, timeout: float = 15
     ) -> subprocess.CompletedProcess[str]:
         """Runs ``command`` through the host's login shell (/bin/sh) over a new SSH connection."""
-        result = subprocess.run(
-            self.ssh_argv(command),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise SshCommandError(
-                host=self.name,
-                command=command,
-                returncode=result.returncode,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
-        return result
+        return run_ssh(self.ssh_argv(command), self.name, command, check=check, timeout=timeout)
 
     # ---------------------------------------------------------------------- VMs
     def create_vm(self, name: str, *, datastore: str = "ds1", uuid: str | None = None) -> str:
@@ -393,6 +356,42 @@ class LabHost:
 
     def __repr__(self) -> str:
         return f"LabHost({self.name!r}, {self.address}:{self.port})"
+
+
+def ssh_argv(settings: SshSettings, address: str, port: int, command: str) -> list[str]:
+    """The OpenSSH client command line that runs ``command`` on a lab host."""
+    known_hosts = f"UserKnownHostsFile={settings.known_hosts}"
+    return [
+        *("ssh", "-F", "/dev/null", "-i", str(settings.client_key), "-o", "IdentitiesOnly=yes"),
+        *("-o", "BatchMode=yes", "-o", known_hosts, "-o", "GlobalKnownHostsFile=/dev/null"),
+        *("-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"),
+        *("-p", str(port), "-l", settings.username, "--", address, command),
+    ]
+
+
+def run_ssh(
+    argv: list[str], host: str, command: str, *, check: bool, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Runs an ``ssh_argv`` command line; SshCommandError when ``check`` and it fails."""
+    result = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise SshCommandError(
+            host=host,
+            command=command,
+            returncode=result.returncode,
+            stdout=result.stdout,
+            stderr=result.stderr,
+        )
+    return result
 
 
 def parent_pid(proc_dir: Path) -> int | None:

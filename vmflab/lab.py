@@ -17,6 +17,8 @@ from types import TracebackType
 
 from vmflab.control import LabError
 from vmflab.host import LabHost, SshSettings
+from vmflab.libvirt import LibvirtHost, kvm_usable, start_hosts
+from vmflab.libvirt_files import LibvirtFiles
 from vmflab.vmfs import HostFiles
 
 USERNAME = "vmflab"
@@ -114,18 +116,27 @@ class Lab:
         host_names: Sequence[str] = ("esx1", "esx2", "esx3"),
         *,
         cache_dir: Path | None = None,
+        libvirt_hosts: Sequence[str] = (),
+        accel: str = "auto",
     ) -> None:
+        """``libvirt_hosts``: KVM hosts with real qemu VMs (``vmflab.libvirt``), reached as root;
+        ``accel``: "kvm", "tcg" or "auto" (KVM when /dev/kvm is usable)."""
         names = list(host_names)
-        for name in names:
+        for name in [*names, *libvirt_hosts]:
             self._check_host_name(name)
-        if len(set(names)) != len(names):
-            raise LabError(f"duplicate host names in {names}")
+        if len(set(names) | set(libvirt_hosts)) != len(names) + len(libvirt_hosts):
+            raise LabError(f"duplicate host names in {[*names, *libvirt_hosts]}")
+        if accel not in ("auto", "kvm", "tcg"):
+            raise LabError(f"accel must be auto, kvm or tcg, not {accel!r}")
         self.workdir = Path(workdir).resolve()
         self.username = USERNAME
         self.client_key = self.workdir / "client_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
         self.hosts: dict[str, LabHost] = {}
+        self.libvirt: dict[str, LibvirtHost] = {}
         self._names = names
+        self._libvirt_names = list(libvirt_hosts)
+        self._accel = accel
         self._cache_dir = cache_dir or default_cache_dir()
         self._vmx: Path | None = None
         self._uid = -1
@@ -161,8 +172,10 @@ class Lab:
             for host in hosts:
                 self.hosts[host.name] = host
                 host.launch()
+            kvms = [self._new_libvirt_host(name) for name in self._libvirt_names]
             for host in hosts:
                 host.wait_ready()
+            start_hosts(kvms, self._cache_dir / "libvirt-qemu")
             self.write_known_hosts()
         except BaseException:
             self.close()
@@ -214,12 +227,46 @@ class Lab:
             raise LabError("lab not started")
         return self._vmx
 
-    def _new_host(self, name: str) -> LabHost:
-        used = {host.address for host in self.hosts.values()}
+    def _new_address(self) -> str:
+        used = {host.address for host in self._all_hosts()}
         while True:
             address = f"127.77.{self._rng.randrange(1, 255)}.{self._rng.randrange(1, 255)}"
             if address not in used:
-                break
+                return address
+
+    def _new_libvirt_host(self, name: str) -> LibvirtHost:
+        address = self._new_address()
+        files = LibvirtFiles(self.workdir / "hosts" / name)
+        files.prepare(self.client_key.with_name(self.client_key.name + ".pub"))
+        host = LibvirtHost(
+            name=name,
+            address=address,
+            port=free_port(address),
+            files=files,
+            caps_dir=self._cache_dir / "libvirt-qemu",
+            kvm=kvm_usable() if self._accel == "auto" else self._accel == "kvm",
+            ssh_settings=SshSettings("root", self.client_key, self.known_hosts),
+            pick_port=free_port,
+        )
+        self.libvirt[name] = host
+        return host
+
+    def host(self, name: str) -> LabHost | LibvirtHost:
+        """An ESXi or libvirt host by name."""
+        found = self.hosts.get(name) or self.libvirt.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def _all_hosts(self) -> list[LabHost | LibvirtHost]:
+        return [*self.hosts.values(), *self.libvirt.values()]
+
+    def host_names(self) -> list[str]:
+        """Every host, ESXi ones first."""
+        return [*self.hosts, *self.libvirt]
+
+    def _new_host(self, name: str) -> LabHost:
+        address = self._new_address()
         files = HostFiles(self.workdir / "hosts" / name, uid=self._uid, gid=self._gid)
         files.root.mkdir(mode=0o755, exist_ok=True)
         return LabHost(
@@ -237,7 +284,7 @@ class Lab:
         if not self._started:
             raise LabError("lab not started")
         self._check_host_name(name)
-        if name in self.hosts:
+        if name in self.hosts or name in self.libvirt:
             raise LabError(f"host {name!r} already exists")
         host = self._new_host(name)
         self._keygen([host.files], client=False)
@@ -249,17 +296,18 @@ class Lab:
 
     def write_known_hosts(self) -> None:
         """Rewrites known_hosts from every host's current key, address and port."""
-        lines = [host.known_hosts_line() + "\n" for host in self.hosts.values()]
+        lines = [host.known_hosts_line() + "\n" for host in self._all_hosts()]
         tmp = self.known_hosts.with_name(self.known_hosts.name + ".tmp")
         tmp.write_text("".join(lines))
         tmp.replace(self.known_hosts)
 
     def close(self) -> None:
         """Kills every host by PID (SIGKILL of each init kills its whole namespace); idempotent."""
-        for host in self.hosts.values():
+        hosts = self._all_hosts()
+        for host in hosts:
             host.kill()  # all at once, then wait for each
         errors = []
-        for host in self.hosts.values():
+        for host in hosts:
             try:
                 host.close()
             except (OSError, subprocess.SubprocessError, LabError) as exc:

@@ -53,7 +53,8 @@ def stopped(host: LabHost) -> Iterator[list[int]]:
     pids = [pid for pid in host.namespace_pids() if pid != host.init_pid]
     try:
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
+                os.kill(pid, signal.SIGSTOP)
         yield pids
     finally:
         for pid in pids:
@@ -209,3 +210,28 @@ def test_hundred_concurrent_requests(lab: Lab, ledger: Ledger) -> None:
         ledger.succeeded(hosts[i % 3].name, f"vm{i}")
     ledger.outcome = "each VM killed once; all 100 succeeded"
     ledger.check()
+
+
+def test_host_key_changed(lab: Lab, ledger: Ledger) -> None:
+    """esx2 restarted with a new host key that known_hosts does not have"""
+    esx2 = lab.hosts["esx2"]
+    ledger.start(esx2, "gfs-node2")
+    ledger.start(lab.hosts["esx1"], "gfs-node1")
+    with LabDaemon(lab) as daemon:
+        esx2.rekey(trust=False)
+        ledger.seconds = wait_for(
+            lambda: "host key not verifiable" in (host_reason(daemon, "esx2") or "")
+        )
+        ledger.target("esx2", "gfs-node2")
+        reply = fence(daemon, "gfs-node2")
+        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+        assert daemon.host_state("esx2") == "down"
+    ledger.outcome = "refused to connect; status says why; fence failed"
+    ledger.check()
+
+
+def host_reason(daemon: LabDaemon, name: str) -> str | None:
+    for host in daemon.status()["hosts"]:
+        if host["name"] == name:
+            return host["reason"]  # type: ignore[no-any-return]
+    raise KeyError(name)

@@ -23,6 +23,25 @@ def lab_unavailable() -> str | None:
     return None
 
 
+def libvirt_unavailable() -> str | None:
+    tools = ("virsh", "libvirtd", "virtlogd", "qemu-system-x86_64")
+    missing = [t for t in tools if not (shutil.which(t) or Path(f"/usr/sbin/{t}").exists())]
+    return f"the libvirt lab needs {', '.join(missing)}" if missing else None
+
+
+@pytest.fixture
+def kvm_lab(tmp_path: Path) -> Iterator[Lab]:
+    """A started lab of two libvirt hosts with real qemu VMs (kvm1, kvm2) and one ESXi host
+    (esx1); every process of it is killed afterwards, whether the test passed or not."""
+    reason = lab_unavailable() or libvirt_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with Lab(tmp_path / "lab", host_names=("esx1",), libvirt_hosts=("kvm1", "kvm2")) as started:
+        yield started
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     """A started 3-host lab (esx1, esx2, esx3); every process of it is killed afterwards,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
 from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
 
@@ -24,8 +25,8 @@ class Listing:
 @dataclass(frozen=True)
 class Backend:
     kind: str
-    # Run once when a shell opens (PATH, locale): never on the fence path.
-    session_setup: str
+    # Run once when a shell opens (PATH, locale, per-host settings): never on the fence path.
+    session_setup: Callable[[HostConfig], str]
     # Running-VM listings, fastest first; the next is tried when one fails or cannot be parsed.
     listings: tuple[Listing, ...]
     registered_command: str

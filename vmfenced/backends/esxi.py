@@ -11,6 +11,7 @@ import shlex
 import xml.etree.ElementTree as ET
 
 from vmfenced.backends import Backend, Listing, parse_kill_marker
+from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
 from vmfenced.model import RegisteredVM, RunningVM
 
@@ -159,13 +160,17 @@ else
 fi"""
 
 
+def session_setup(_host: HostConfig) -> str:
+    return SESSION_SETUP
+
+
 def power_on_command(vm: RegisteredVM) -> str:
     return f"vim-cmd vmsvc/power.on {shlex.quote(vm.vmid)}"
 
 
 BACKEND = Backend(
     kind="esxi",
-    session_setup=SESSION_SETUP,
+    session_setup=session_setup,
     listings=(Listing(VMDUMPER, parse_vmdumper), Listing(ESXCLI_XML, parse_esxcli_xml)),
     registered_command=GETALLVMS,
     parse_registered=parse_getallvms,

@@ -1,0 +1,409 @@
+"""libvirt backend: parsers on real virsh output, and its shell scripts run for real (dash, with
+gawk and with mawk) against local processes whose argv is a real qemu command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vmfenced.backends import libvirt as lv
+from vmfenced.backends import parse_kill_marker
+from vmfenced.config import parse
+from vmfenced.daemon import BACKENDS
+from vmfenced.errors import ConfigError, ParseError
+from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
+
+# Captured from virsh 9.0.0 (Debian 12) on the lab's hosts; virsh ends every list with a blank line.
+LIST_UUID_NAME = """6bf895bf-be0c-43bb-9295-271e4ce43641 vm1
+a86d216a-39c5-4332-9517-2840f39d6cc9 vm1,x
+0bfd32b1-ad6f-49b7-b9fa-f1f0c84c9603 vm10
+8b7a2b92-86b5-44f6-9682-0373efa79d67 my vm 2
+
+"""
+LIST_NAME = "vm1\nvm1,x\nvm10\nmy vm 2\n\n"
+UUID1 = "6bf895bf-be0c-43bb-9295-271e4ce43641"
+
+
+def qemu_argv(name_arg: str, uuid: str = UUID1) -> list[str]:
+    """The argv of a qemu 7.2 started by libvirt 9.0 (captured), run by a sleeping Python."""
+    return [
+        *(sys.executable, "-c", "import time; time.sleep(600)"),
+        *("-name", name_arg, "-S", "-object"),
+        '{"qom-type":"secret","id":"masterKey0","format":"raw",'
+        '"file":"/var/lib/libvirt/qemu/domain-1-vm1/master-key.aes"}',
+        *("-machine", "microvm,usb=off,dump-guest-core=off,memory-backend=microvm.ram"),
+        *("-accel", "kvm", "-cpu", "qemu64", "-m", "32", "-smp", "1,sockets=1,cores=1,threads=1"),
+        *("-uuid", uuid, "-display", "none", "-no-user-config", "-nodefaults"),
+    ]
+
+
+def guest(name: str) -> str:
+    return f"guest={name.replace(',', ',,')},debug-threads=on"
+
+
+# ------------------------------------------------------------------------------ parsers
+
+
+def test_registered_uuid_and_name_on_real_output() -> None:
+    vms = lv.parse_registered("vmf:uuid-name\n" + LIST_UUID_NAME)
+    assert [(v.name, v.vmid) for v in vms] == [
+        ("vm1", UUID1),
+        ("vm1,x", "a86d216a-39c5-4332-9517-2840f39d6cc9"),
+        ("vm10", "0bfd32b1-ad6f-49b7-b9fa-f1f0c84c9603"),
+        ("my vm 2", "8b7a2b92-86b5-44f6-9682-0373efa79d67"),
+    ]
+
+
+def test_registered_names_only_from_an_older_virsh() -> None:
+    vms = lv.parse_registered("vmf:name\n" + LIST_NAME)
+    assert [(v.name, v.vmid) for v in vms] == [(n, n) for n in ("vm1", "vm1,x", "vm10", "my vm 2")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        LIST_UUID_NAME,  # no marker: not our command's answer
+        "vmf:uuid-name\n6bf895bf-be0c-43bb-9295-271e4ce43641\n",  # a UUID without its name
+        "vmf:uuid-name\nerror: failed to connect to the hypervisor\n",
+        "",
+    ],
+)
+def test_registered_rejects_what_it_cannot_read(text: str) -> None:
+    with pytest.raises(ParseError):
+        lv.parse_registered(text)
+
+
+def test_vm_lines() -> None:
+    text = f"vmf:vm 84 {UUID1} vm1\nvmf:vm 95 - my vm, 2\nvmf:end\n"
+    assert lv.parse_vm_lines(text) == (
+        RunningVM("vm1", "/run/libvirt/qemu/vm1.pid", 84, uuid=UUID1),
+        RunningVM("my vm, 2", "/run/libvirt/qemu/my vm, 2.pid", 95),
+    )
+    assert lv.parse_vm_lines("vmf:end\n") == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "vmf:vm 84 - vm1\n",  # cut short: no end marker, a VM could be missing
+        "",
+        "vmf:doubt bad pid file /run/libvirt/qemu/vm1.pid\n",
+        "vmf:vm 84 - vm1\nvmf:vm 85 - vm1\nvmf:end\n",
+        "vmf:end\nvmf:vm 84 - vm1\n",
+        "vmf:vm x - vm1\nvmf:end\n",
+        "awk: not found\nvmf:end\n",
+    ],
+)
+def test_vm_lines_reject_anything_doubtful(text: str) -> None:
+    with pytest.raises(ParseError):
+        lv.parse_vm_lines(text)
+
+
+def test_backend_is_registered_and_power_on_uses_the_uuid() -> None:
+    assert BACKENDS["libvirt"] is lv.BACKEND
+    command = lv.power_on_command(RegisteredVM(UUID1, "vm1", ""))
+    assert f"virsh start --domain {UUID1}" in command
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def test_config_libvirt_host_and_uri() -> None:
+    data = {
+        "hosts": [
+            {"name": "kvm1", "address": "192.0.2.21", "kind": "libvirt"},
+            {
+                "name": "kvm2",
+                "address": "192.0.2.22",
+                "kind": "libvirt",
+                "libvirt_uri": "qemu+unix:///system",
+            },
+            {"name": "esx1", "address": "192.0.2.11"},
+        ]
+    }
+    kvm1, kvm2, esx1 = parse(data).hosts
+    assert (kvm1.kind, kvm1.libvirt_uri) == ("libvirt", "qemu:///system")
+    assert kvm2.libvirt_uri == "qemu+unix:///system"
+    assert esx1.kind == "esxi"
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        (
+            {"name": "esx1", "address": "a", "libvirt_uri": "qemu:///system"},
+            'hosts[0] (esx1): libvirt_uri: only for kind = "libvirt" (this host is esxi)',
+        ),
+        (
+            {"name": "kvm1", "address": "a", "kind": "libvirt", "libvirt_uri": "qemu:///sys tem"},
+            "hosts[0] (kvm1).libvirt_uri",
+        ),
+        ({"name": "kvm1", "address": "a", "kind": "xen"}, "hosts[0] (kvm1).kind"),
+    ],
+)
+def test_config_libvirt_errors(host: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"hosts": [host]})
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+def test_session_setup_exports_the_uri_quoted() -> None:
+    host = parse(
+        {
+            "hosts": [
+                {
+                    "name": "k",
+                    "address": "a",
+                    "kind": "libvirt",
+                    "libvirt_uri": "qemu:///system?x='1'",
+                }
+            ]
+        }
+    ).hosts[0]
+    script = lv.session_setup(host) + '; printf "%s|%s" "$LIBVIRT_DEFAULT_URI" "$LC_ALL"'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout == "qemu:///system?x='1'|C"
+
+
+# ------------------------------------------------------------------ scripts, run for real
+
+AWKS = [a for a in ("gawk", "mawk") if shutil.which(a)]
+needs_shell = pytest.mark.skipif(
+    not (shutil.which("dash") and AWKS and Path("/proc/self/stat").exists()),
+    reason="needs dash, an awk and /proc",
+)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(params=AWKS)
+def run(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs a script under dash with PATH's awk being gawk or mawk, like the lane's shell."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "awk").symlink_to(shutil.which(str(request.param)) or "")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LC_ALL": "C"}
+
+    def runner(
+        script: str, *, uri: str = "qemu:///system", prefix: list[str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*(prefix or []), "dash", "-c", script],
+            env={**env, "LIBVIRT_DEFAULT_URI": uri},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    return runner
+
+
+def start(procs: list[subprocess.Popen[bytes]], argv: list[str]) -> int:
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    procs.append(proc)
+    return proc.pid
+
+
+def wait_cmdline(pid: int, timeout: float = 10) -> None:
+    """Until the child has exec'd (its cmdline is the one we gave it), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"-name" in cmdline or cmdline.startswith(b"sleep"):
+            return
+        time.sleep(0.001)  # polling a condition with a deadline
+    raise AssertionError(f"{pid} never exec'd")
+
+
+@needs_shell
+def test_pidfile_listing_matches_names_exactly(
+    run: Callable[..., subprocess.CompletedProcess[str]],
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "qemu"
+    run_dir.mkdir()
+    pids = {}
+    for name in ("vm1", "vm10", "vm1,x", "my vm 2"):
+        pids[name] = start(procs, qemu_argv(guest(name)))
+        wait_cmdline(pids[name])
+        (run_dir / f"{name}.pid").write_text(str(pids[name]))  # no newline, like libvirt
+    (run_dir / "driver.pid").write_text(str(os.getpid()))  # libvirtd's own: not a VM
+    (run_dir / "vm1.xml").write_text("<domstatus/>")
+    dead = start(procs, ["true"])
+    procs[-1].wait()
+    (run_dir / "stale.pid").write_text(str(dead))  # its qemu is gone
+    (run_dir / "reused.pid").write_text(str(pids["vm10"]))  # PID now runs another domain
+    result = run(lv.pidfile_listing(str(run_dir)))
+    assert result.returncode == 0, result
+    listed = {vm.name: vm.cartel for vm in lv.parse_vm_lines(result.stdout)}
+    assert listed == pids
+    assert all(vm.uuid == UUID1 for vm in lv.parse_vm_lines(result.stdout))
+
+
+@needs_shell
+def test_pidfile_listing_doubts(
+    run: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "qemu"
+    assert run(lv.pidfile_listing(str(run_dir))).returncode == 3  # no run dir: never "none"
+    run_dir.mkdir()
+    result = run(lv.pidfile_listing(str(run_dir)))
+    assert (result.returncode, result.stdout) == (0, "vmf:end\n")
+    (run_dir / "vm1.pid").write_text("")  # being written: cannot tell
+    assert run(lv.pidfile_listing(str(run_dir))).returncode == 3
+    (run_dir / "vm1.pid").write_text("84")
+    # Another libvirtd than the system one: its pid files are elsewhere.
+    assert run(lv.pidfile_listing(str(run_dir)), uri="qemu:///session").returncode == 3
+
+
+@needs_shell
+def test_virsh_listing_matches_processes(
+    run: Callable[..., subprocess.CompletedProcess[str]],
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    pids = {name: start(procs, qemu_argv(guest(name))) for name in ("vm1", "vm1,x", "my vm 2")}
+    for pid in pids.values():
+        wait_cmdline(pid)
+    virsh = tmp_path / "virsh"
+    # No vm10 process on purpose: virsh must not be fooled into it by the prefix.
+    virsh.write_text("#!/bin/sh\nprintf 'vm1\\nvm1,x\\nmy vm 2\\n\\n'\n")
+    virsh.chmod(0o755)
+    script = f"PATH={tmp_path}:$PATH; " + lv.virsh_listing()
+    result = run(script)
+    assert result.returncode == 0, result
+    assert {vm.name: vm.cartel for vm in lv.parse_vm_lines(result.stdout)} == pids
+    virsh.write_text("#!/bin/sh\nprintf 'vm1\\nvm10\\n\\n'\n")  # vm10 "running", no process
+    assert run(script).returncode == 3
+    virsh.write_text("#!/bin/sh\necho 'error: failed to connect' >&2; exit 1\n")
+    result = run(script)
+    assert result.returncode == 3 and "failed to connect" in result.stdout
+
+
+def kill(
+    run: Callable[..., subprocess.CompletedProcess[str]],
+    name: str,
+    pid: int,
+    prefix: list[str] | None = None,
+) -> KillOutcome:
+    result = run(lv.kill_command(RunningVM(name, "", pid), 5), prefix=prefix)
+    assert result.returncode == 0, result
+    return parse_kill_marker(result.stdout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2][:1]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@needs_shell
+@pytest.mark.parametrize(
+    ("target", "running", "argv_name"),
+    [
+        ("vm1", "vm10", guest("vm10")),  # a prefix of another domain
+        ("vm10", "vm1", guest("vm1")),
+        ("vm1", "vm1,x", guest("vm1,x")),  # escaped comma: vm1,,x
+        ("vm1,x", "vm1", guest("vm1") + ",,x"),  # not a real libvirt form, but never vm1,x
+        ("vm1", "", ""),  # no -name at all (another program reused the PID)
+    ],
+)
+def test_guard_never_kills_another_domain(
+    run: Callable[..., subprocess.CompletedProcess[str]],
+    procs: list[subprocess.Popen[bytes]],
+    target: str,
+    running: str,
+    argv_name: str,
+) -> None:
+    argv = qemu_argv(argv_name) if running else ["sleep", "600"]
+    pid = start(procs, argv)
+    wait_cmdline(pid)
+    assert kill(run, target, pid) is KillOutcome.NOT_THAT_VM
+    assert alive(pid)
+
+
+@needs_shell
+@pytest.mark.parametrize(
+    ("name", "argv_name"),
+    [
+        ("vm1", guest("vm1")),
+        ("vm1,x", guest("vm1,x")),
+        ('it\'s "a" $vm `x`', guest('it\'s "a" $vm `x`')),
+        ("vm1", "guest=vm1"),
+        ("vm1", "vm1"),  # qemu's implied key, as older libvirt passed it
+    ],
+)
+def test_guard_kills_its_domain_and_confirms(
+    run: Callable[..., subprocess.CompletedProcess[str]],
+    procs: list[subprocess.Popen[bytes]],
+    name: str,
+    argv_name: str,
+) -> None:
+    pid = start(procs, qemu_argv(argv_name))
+    wait_cmdline(pid)
+    # Not reaped by us until after: the script must count the zombie as dead.
+    assert kill(run, name, pid) is KillOutcome.KILLED
+    assert not alive(pid)
+    procs[-1].wait()
+    assert kill(run, name, pid) is KillOutcome.NOT_RUNNING
+
+
+@needs_shell
+def test_guard_refused_kill_is_an_error_not_a_verdict(
+    run: Callable[..., subprocess.CompletedProcess[str]], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the script as another user")
+    pid = start(procs, qemu_argv(guest("vm1")))
+    wait_cmdline(pid)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    result = run(lv.kill_command(RunningVM("vm1", "", pid), 5), prefix=nobody)
+    assert "vmf:error" in result.stdout and "refused" in result.stdout
+    with pytest.raises(ParseError):
+        parse_kill_marker(result.stdout)
+    assert alive(pid)
+
+
+@needs_shell
+def test_power_on_waits_until_libvirtd_saw_the_old_qemu_die(
+    run: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    # domstate answers "running" twice (libvirtd lags a kill -9), then "shut off (crashed)".
+    virsh = tmp_path / "virsh"
+    virsh.write_text(
+        f"""#!/bin/sh
+echo "$*" >> {tmp_path}/calls
+n=$(wc -l < {tmp_path}/calls)
+case $1 in
+  domstate) if [ "$n" -le 2 ]; then echo running; else echo 'shut off'; fi; echo;;
+  start) echo "Domain '$3' started";;
+esac
+"""
+    )
+    virsh.chmod(0o755)
+    command = lv.power_on_command(RegisteredVM(UUID1, "vm1", ""))
+    result = run(f"PATH={tmp_path}:$PATH; {command}")
+    assert result.returncode == 0, result
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == [f"domstate --domain {UUID1}"] * 3 + [f"start --domain {UUID1}"]

@@ -1,0 +1,339 @@
+"""libvirt/KVM: commands of a Linux host running libvirtd (qemu driver) and their parsers.
+
+The fence path (running-VM listing, guarded kill) reads `/run/libvirt/qemu/*.pid` and `/proc`
+with sh builtins and one awk: one round trip of a few ms that does not need libvirtd, so a host
+whose libvirtd hangs or restarts can still be fenced. `virsh` serves the fallback listing, the
+registered-VM listing and power-on.
+
+A qemu started by libvirt carries `-name guest=NAME,debug-threads=on`, NAME escaped the qemu
+keyval way (`,,` is a literal comma), and `-uuid UUID`. The guard decodes that argument exactly,
+so `vm1` never matches the qemu of `vm10` or of `vm1,x`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from vmfenced.backends import Backend, Listing, parse_kill_marker
+from vmfenced.config import HostConfig
+from vmfenced.errors import ParseError
+from vmfenced.model import RegisteredVM, RunningVM
+
+RUN_DIR = "/run/libvirt/qemu"
+SYSTEM_URI = "qemu:///system"
+REGISTERED = "virsh list --all --uuid --name"
+# Older virsh may refuse --uuid with --name: then names alone, power-on by name.
+REGISTERED_COMMAND = f"""if vmf_o=$({REGISTERED} 2>&1); then
+  printf 'vmf:uuid-name\\n%s\\n' "$vmf_o"
+else
+  vmf_o=$(virsh list --all --name) && printf 'vmf:name\\n%s\\n' "$vmf_o"
+fi"""
+# Builtin checks of a killed PID before the host-side wait starts paying for `sleep`.
+SPIN = 200
+
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_VM_LINE = re.compile(rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<uuid>{_UUID}|-) (?P<name>.+)$")
+_UUID_NAME = re.compile(rf"^(?P<uuid>{_UUID}) (?P<name>.+)$")
+
+# awk helpers shared by every program below (POSIX awk; gawk and mawk read NUL-separated
+# /proc/PID/cmdline with RS = "\0"). vmf_args fills A[] with a process's argv and returns its
+# length, -1 when unreadable; vmf_stat fills S[] with the fields after "(comm) " (S[1] state,
+# S[18] num_threads, S[20] starttime) and returns 0 when the process is gone.
+_AWK_LIB = r"""
+function vmf_guest(v,   n, i, c, e, el) {
+  n = 0; e = ""
+  for (i = 1; i <= length(v) + 1; i++) {
+    c = substr(v, i, 1)
+    if (c == "," && substr(v, i + 1, 1) == ",") { e = e ","; i++; continue }
+    if (c != "," && i <= length(v)) { e = e c; continue }
+    el[++n] = e; e = ""
+  }
+  for (i = 1; i <= n; i++) {
+    if (substr(el[i], 1, 6) == "guest=") return substr(el[i], 7)
+    if (i == 1 && index(el[1], "=") == 0) return el[1]
+  }
+  return "\n"
+}
+function vmf_args(p,   f, r, a, n) {
+  f = "/proc/" p "/cmdline"; n = 0
+  split("", A)
+  while ((r = (getline a < f)) > 0) A[++n] = a
+  close(f)
+  return r < 0 ? -1 : n
+}
+function vmf_stat(p,   f, s, r) {
+  f = "/proc/" p "/stat"; s = ""
+  r = (getline s < f)
+  close(f)
+  if (r <= 0) return 0
+  sub(/\n$/, "", s)
+  sub(/.*\) /, "", s)
+  split(s, S, " ")
+  return 1
+}
+function vmf_dead() { return S[1] == "X" || (S[1] == "Z" && S[18] == 1) }
+function vmf_opt(o,   i) {
+  for (i = 1; i < vmf_n; i++) if (A[i] == o) return A[i + 1]
+  return "\n"
+}
+"""
+
+# Argument pairs "PID NAME" from the pid files; prints one `vmf:vm PID UUID NAME` per domain
+# whose qemu still runs under that PID, then `vmf:end`. Exit 3 on any doubt.
+_AWK_PIDFILES = (
+    _AWK_LIB
+    + r"""
+BEGIN {
+  RS = "\0"
+  for (i = 1; i + 1 < ARGC; i += 2) {
+    p = ARGV[i]; name = ARGV[i + 1]
+    if (!vmf_stat(p) || vmf_dead()) continue
+    vmf_n = vmf_args(p)
+    if (vmf_n < 0) { print "vmf:doubt cannot read /proc/" p "/cmdline"; exit 3 }
+    if (vmf_n == 0) {
+      # A zombie leader whose threads still run (in-flight I/O) has no cmdline left.
+      if (S[1] == "Z") { print "vmf:doubt " p " is exiting"; exit 3 }
+      continue
+    }
+    # Anything else under that PID reused it after this domain's qemu died.
+    if (vmf_guest(vmf_opt("-name")) != name) continue
+    u = vmf_opt("-uuid")
+    print "vmf:vm " p " " (u == "\n" ? "-" : u) " " name
+  }
+  print "vmf:end"
+}
+"""
+)
+
+# Running domain names on stdin (from virsh); argv = every /proc/PID/cmdline. Each name must
+# match exactly one live qemu process naming it.
+_AWK_SCAN = (
+    _AWK_LIB
+    + r"""
+BEGIN {
+  while ((r = (getline line < "-")) > 0) if (line != "") want[line] = 1
+  if (r < 0) { print "vmf:doubt cannot read the domain names"; exit 3 }
+  RS = "\0"
+  for (i = 1; i < ARGC; i++) {
+    f = ARGV[i]; p = f
+    sub(/^\/proc\//, "", p); sub(/\/cmdline$/, "", p)
+    if (!vmf_stat(p) || vmf_dead()) continue
+    vmf_n = vmf_args(p)
+    if (vmf_n <= 0) continue
+    name = vmf_guest(vmf_opt("-name"))
+    if (!(name in want)) continue
+    if (name in pid) { print "vmf:doubt two processes name " name; exit 3 }
+    u = vmf_opt("-uuid")
+    pid[name] = p; uuid[name] = (u == "\n" ? "-" : u)
+  }
+  for (name in want) {
+    if (!(name in pid)) { print "vmf:doubt no process for running domain " name; exit 3 }
+    print "vmf:vm " pid[name] " " uuid[name] " " name
+  }
+  print "vmf:end"
+}
+"""
+)
+
+# One process (PID in ARGV[1], name in ENVIRON["VMF_NAME"]): prints its starttime and exits
+# 10 when it is that domain's qemu, 11 gone or dead, 12 something else, 13 no verdict.
+_AWK_CHECK = (
+    _AWK_LIB
+    + r"""
+BEGIN {
+  RS = "\0"; p = ARGV[1]
+  if (!vmf_stat(p)) exit 11
+  if (vmf_dead()) exit 11
+  vmf_n = vmf_args(p)
+  if (vmf_n < 0) exit 13
+  if (vmf_n == 0) {
+    if (!vmf_stat(p) || vmf_dead()) exit 11
+    exit 13
+  }
+  if (vmf_guest(vmf_opt("-name")) != ENVIRON["VMF_NAME"]) exit 12
+  print S[20]
+  exit 10
+}
+"""
+)
+
+
+def session_setup(host: HostConfig) -> str:
+    """virsh talks to the host's configured libvirtd; C locale for byte-exact name matching."""
+    return (
+        f"LIBVIRT_DEFAULT_URI={shlex.quote(host.libvirt_uri)}; export LIBVIRT_DEFAULT_URI; "
+        'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH'
+    )
+
+
+def pidfile_listing(run_dir: str = RUN_DIR) -> str:
+    """Running domains from libvirt's pid files, each checked against /proc (no libvirtd).
+
+    Only for qemu:///system, whose pid files live in `run_dir`; other URIs fall back to virsh.
+    A pid file that cannot be read, or a /proc that hides processes, is a doubt (exit 3).
+    """
+    run = shlex.quote(run_dir)
+    return f"""vmf_ls() {{
+  [ "${{LIBVIRT_DEFAULT_URI:-{SYSTEM_URI}}}" = {SYSTEM_URI} ] || {{
+    echo "vmf:doubt not {SYSTEM_URI}"; return 3; }}
+  [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
+  [ -d {run} ] || {{ echo "vmf:doubt no {run}"; return 3; }}
+  set --
+  for vmf_f in {run}/*.pid; do
+    [ -e "$vmf_f" ] || continue
+    vmf_v=
+    {{ read -r vmf_v < "$vmf_f"; }} 2>/dev/null
+    case $vmf_v in
+      ''|*[!0-9]*) [ -e "$vmf_f" ] && {{ echo "vmf:doubt bad pid file $vmf_f"; return 3; }}
+        continue;;
+    esac
+    vmf_n=${{vmf_f##*/}}
+    set -- "$@" "$vmf_v" "${{vmf_n%.pid}}"
+  done
+  awk {shlex.quote(_AWK_PIDFILES)} "$@"
+}}
+vmf_ls"""
+
+
+def virsh_listing() -> str:
+    """Fallback: `virsh list --name`, each running domain matched to its qemu in /proc."""
+    return f"""vmf_vl() {{
+  [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
+  vmf_o=$(virsh list --name 2>&1) || {{ printf '%s\\n' "$vmf_o"; return 3; }}
+  printf '%s\\n' "$vmf_o" | awk {shlex.quote(_AWK_SCAN)} /proc/[0-9]*/cmdline
+}}
+vmf_vl"""
+
+
+def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
+    """`vmf:vm PID UUID NAME` lines ended by `vmf:end`; anything else is an error."""
+    vms = []
+    ended = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if ended:
+            raise ParseError("libvirt listing", f"line {number} after the end: {line[:200]!r}")
+        if line == "vmf:end":
+            ended = True
+            continue
+        match = _VM_LINE.match(line)
+        if match is None:
+            raise ParseError("libvirt listing", f"line {number} not understood: {line[:200]!r}")
+        vms.append(
+            RunningVM(
+                name=match["name"],
+                config_file=f"{RUN_DIR}/{match['name']}.pid",
+                cartel=int(match["pid"]),
+                uuid=None if match["uuid"] == "-" else match["uuid"].lower(),
+            )
+        )
+    if not ended:
+        raise ParseError("libvirt listing", "incomplete answer (no vmf:end)")
+    names = [vm.name for vm in vms]
+    if len(set(names)) != len(names):
+        raise ParseError("libvirt listing", "a domain is listed twice")
+    return tuple(vms)
+
+
+def parse_registered(text: str) -> tuple[RegisteredVM, ...]:
+    """`vmf:uuid-name` then `virsh list --all --uuid --name` (`UUID NAME` lines), or
+    `vmf:name` then `virsh list --all --name`; virsh ends both with a blank line."""
+    lines = text.splitlines()
+    if not lines or lines[0] not in ("vmf:uuid-name", "vmf:name"):
+        raise ParseError(REGISTERED, f"unexpected answer: {text.strip()[:300]!r}")
+    vms = []
+    for number, line in enumerate(lines[1:], 2):
+        if not line:
+            continue
+        if lines[0] == "vmf:name":
+            vms.append(RegisteredVM(vmid=line, name=line, config_file=""))
+            continue
+        match = _UUID_NAME.match(line)
+        if match is None:
+            raise ParseError(REGISTERED, f"line {number} not understood: {line[:200]!r}")
+        uuid = match["uuid"].lower()
+        # The UUID is the power-on handle: virsh would read a name like "5" as a domain ID.
+        vms.append(RegisteredVM(vmid=uuid, name=match["name"], config_file=f"uuid {uuid}"))
+    return tuple(vms)
+
+
+def kill_command(vm: RunningVM, budget: float) -> str:
+    """One round trip: check the PID runs this domain's qemu, kill -9 it, wait until it is dead.
+
+    Dead means: /proc/PID gone, or a zombie whose last thread has exited (a zombie leader with
+    threads still in the kernel may still have I/O in flight), or the PID now belongs to a
+    process started later (starttime differs: reused after our kill was reaped).
+    A check that cannot conclude is `vmf:error`, never "not running".
+    """
+    tries = SPIN + max(1, int(budget / 0.01))
+    return f"""VMF_NAME={shlex.quote(vm.name)}; export VMF_NAME; vmf_p={vm.cartel}; vmf_start=
+vmf_chk() {{
+  vmf_o=$(awk {shlex.quote(_AWK_CHECK)} "$vmf_p" 2>&1)
+  case $? in
+    10) vmf_start=${{vmf_o##*[!0-9]}}; return 0;;
+    11) return 1;;
+    12) return 2;;
+  esac
+  [ -r /proc/1/stat ] && [ ! -e "/proc/$vmf_p" ] && return 1
+  return 3
+}}
+vmf_gone() {{
+  vmf_l=
+  {{ read -r vmf_l < "/proc/$vmf_p/stat"; }} 2>/dev/null
+  [ -n "$vmf_l" ] || return 0
+  set -- ${{vmf_l##*) }}
+  [ "$1" = X ] && return 0
+  [ "$1" = Z ] && [ "${{18}}" = 1 ] && return 0
+  [ -n "$vmf_start" ] && [ "${{20}}" != "$vmf_start" ] && return 0
+  return 1
+}}
+vmf_chk; vmf_r=$?
+if [ "$vmf_r" -eq 0 ]; then
+  if ! kill -9 "$vmf_p" 2>/dev/null && ! vmf_gone; then
+    echo "kill -9 $vmf_p refused"; echo vmf:error
+  else
+    vmf_i=0
+    while ! vmf_gone; do
+      vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge {tries} ] && break
+      [ "$vmf_i" -gt {SPIN} ] && {{ sleep 0.01 2>/dev/null || sleep 1; }}
+    done
+    if vmf_gone; then echo vmf:killed; else echo vmf:alive; fi
+  fi
+else
+  case $vmf_r in
+    1) echo vmf:not-running;;
+    2) echo vmf:not-that-vm;;
+    *) printf '%s\\n' "$vmf_o"; echo vmf:error;;
+  esac
+fi"""
+
+
+def power_on_command(vm: RegisteredVM) -> str:
+    """`virsh start`, once libvirtd has seen the previous qemu die (it lags a kill -9 ~0.2 s)."""
+    domain = shlex.quote(vm.vmid)
+    return f"""vmf_on() {{
+  vmf_i=0
+  while vmf_s=$(virsh domstate --domain {domain} 2>&1); do
+    case $vmf_s in "shut off"*|crashed*) break;; esac
+    vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge 300 ] && break
+    sleep 0.05 2>/dev/null || sleep 1
+  done
+  virsh start --domain {domain}
+}}
+vmf_on"""
+
+
+BACKEND = Backend(
+    kind="libvirt",
+    session_setup=session_setup,
+    listings=(
+        Listing(pidfile_listing(), parse_vm_lines),
+        Listing(virsh_listing(), parse_vm_lines),
+    ),
+    registered_command=REGISTERED_COMMAND,
+    parse_registered=parse_registered,
+    kill_command=kill_command,
+    parse_kill=parse_kill_marker,
+    power_on_command=power_on_command,
+    power_on_timeout=60,
+)

@@ -1,0 +1,156 @@
+"""The configured hosts: their lanes, their inventory loops, and how a reload changes them.
+
+`hosts` is the one dict the fencer, the API and the metrics hold: it is changed in place, and
+only in one synchronous step, so no coroutine ever sees half a reload. Each host has its own
+inventory loop, so adding, replacing or removing one host never disturbs another's links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from vmfenced.backends import Backend
+from vmfenced.config import Config
+from vmfenced.host import Host, HostListener
+from vmfenced.inventory import InventoryService
+from vmfenced.model import VMMap
+from vmfenced.reload import ReloadPlan
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+class HostSet:
+    def __init__(
+        self,
+        vmmap: VMMap,
+        backends: dict[str, Backend],
+        spawn: Spawn,
+        on_change: HostListener,
+        interval: float,
+    ) -> None:
+        self.hosts: dict[str, Host] = {}
+        self._map = vmmap
+        self._backends = backends
+        self._spawn = spawn
+        self._on_change = on_change
+        self._interval = interval
+        self._tasks: dict[Host, list[asyncio.Task[None]]] = {}
+        self._inventories: dict[str, InventoryService] = {}
+
+    # -- building and running ------------------------------------------------------------------
+
+    def build(
+        self, config: Config, keys: dict[Path, asyncssh.SSHKey], names: Sequence[str]
+    ) -> list[Host]:
+        built = []
+        for name in names:
+            host = config.host(name)
+            ssh = config.ssh_for(host)
+            built.append(
+                Host(
+                    host,
+                    ssh,
+                    self._backends[host.kind],
+                    [keys[p] for p in ssh.client_keys],
+                    self._on_change,
+                )
+            )
+        return built
+
+    def start(self, host: Host) -> None:
+        """Connect its lanes (in the background); it serves nothing until activated."""
+        host.start(lambda coro, name: self._track(host, coro, name))
+
+    def activate(self, host: Host) -> None:
+        """Make it the host of its name, with a fresh inventory loop."""
+        self.hosts[host.name] = host
+        inventory = InventoryService({host.name: host}, self._map, self._interval)
+        inventory.start(lambda coro, name: self._track(host, coro, name))
+        self._inventories[host.name] = inventory
+
+    def _track(self, host: Host, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.setdefault(host, []).append(self._spawn(coro, name))
+
+    def is_active(self, host: Host) -> bool:
+        return self.hosts.get(host.name) is host
+
+    def request(self, name: str) -> None:
+        """Refresh that host's inventory soon; a name no longer configured is ignored."""
+        inventory = self._inventories.get(name)
+        if inventory is not None:
+            inventory.request(name)
+
+    async def first_round(self, timeout: float) -> bool:
+        """True once every host had one inventory attempt (for READY)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        complete = True
+        for inventory in list(self._inventories.values()):
+            complete &= await inventory.first_round(max(0.0, deadline - loop.time()))
+        return complete
+
+    def set_interval(self, seconds: float) -> None:
+        self._interval = seconds
+        for inventory in self._inventories.values():
+            inventory.set_interval(seconds)
+
+    async def retire(self, host: Host) -> None:
+        """Stop its loops and close its connections."""
+        tasks = self._stop(host)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await host.close()
+
+    def _stop(self, host: Host) -> list[asyncio.Task[None]]:
+        # Cancelled at once: a cancelled loop never writes to the map again.
+        tasks = self._tasks.pop(host, [])
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    async def close(self) -> None:
+        hosts = list(self._tasks)
+        await asyncio.gather(*(self.retire(h) for h in hosts), return_exceptions=True)
+
+    # -- reload --------------------------------------------------------------------------------
+
+    async def reload(
+        self,
+        plan: ReloadPlan,
+        drained: Callable[[], Awaitable[None]],
+    ) -> list[Host]:
+        """Apply the host part of a plan; return the hosts it took out (the caller retires them).
+
+        New and replacing hosts connect first, while the old ones serve; then, once no fence
+        is in flight, one synchronous swap. An unchanged host is never touched.
+        """
+        config = plan.config
+        fresh = self.build(config, plan.keys, [*plan.added, *plan.replaced])
+        for host in fresh:
+            self.start(host)
+        try:
+            if fresh:
+                settle = max(h.fence.ssh.connect_timeout for h in fresh) * 2 + 1
+                await asyncio.gather(
+                    *(lane.wait_settled(settle) for h in fresh for lane in (h.fence, h.inventory))
+                )
+            await drained()
+        except BaseException:
+            await asyncio.gather(*(self.retire(h) for h in fresh), return_exceptions=True)
+            raise
+        # From here to the return: no await, so nothing runs between the old and new set.
+        out = [self.hosts[name] for name in (*plan.replaced, *plan.removed)]
+        for host in out:
+            self._tasks[host] = self._stop(host)
+        for name in plan.removed:
+            del self.hosts[name]
+            self._inventories.pop(name, None)
+            self._map.forget(name)
+        self.set_interval(config.daemon.inventory_interval)
+        for host in fresh:
+            self.activate(host)
+        return out

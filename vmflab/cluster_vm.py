@@ -1,0 +1,101 @@
+"""What a lab cluster node needs from its VM, and the ESXi lab's VMs seen that way.
+
+A node "machine" lives exactly as long as one process of its VM: the cluster binds each boot of
+the node to the VM's process (the pidfd it watches), so killing the VM kills the node and
+powering the VM on again boots it. Any VM kind fits, as long as its process is visible from here:
+the ESXi lab's ``/bin/vmx`` processes now, libvirt's qemu processes later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Protocol
+
+from vmflab.control import LabError
+from vmflab.host import LabHost
+
+
+class NodeVm(Protocol):
+    """The VM a cluster node runs on."""
+
+    @property
+    def name(self) -> str:
+        """The VM's name, as ``pcmk_host_map`` maps the node to it."""
+        ...
+
+    def process(self) -> int | None:
+        """PID (in the caller's PID namespace) of the VM's live process, None when it is off."""
+        ...
+
+    def power_on(self) -> None:
+        """Starts the VM; returns once its process runs."""
+        ...
+
+
+def proc_state(pid: int) -> str | None:
+    """The process state letter (``R``, ``S``, ``Z``...), None if there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def is_alive(pid: int) -> bool:
+    return proc_state(pid) not in (None, "Z", "X", "x")
+
+
+def pid_namespace(pid: int) -> int | None:
+    """Inode of the PID namespace of ``pid``, None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/ns/pid").stat().st_ino
+    except OSError:
+        return None
+
+
+def processes_in(namespaces: set[int]) -> dict[int, str]:
+    """Every process (PID -> command name) whose PID namespace is one of ``namespaces``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (entry / "ns" / "pid").stat().st_ino in namespaces:
+                found[int(entry.name)] = (entry / "comm").read_text().strip()
+    return found
+
+
+class EsxiLabVm:
+    """A VM of the ESXi lab (``vmflab.Lab``): its process is the ``/bin/vmx`` of its .vmx."""
+
+    def __init__(self, host: LabHost, name: str, *, datastore: str = "ds1") -> None:
+        self.host = host
+        self._name = name
+        self.config_file = host.files.vmx_path(name, datastore)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def process(self) -> int | None:
+        found = []
+        for pid in self.host.namespace_pids():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+                # Only once it shows its final command line is the VM fully started.
+                if (
+                    argv
+                    and argv[0] == b"/bin/vmx"
+                    and argv[-1] == self.config_file.encode()
+                    and is_alive(pid)
+                ):
+                    found.append(pid)
+        if len(found) > 1:
+            raise LabError(f"VM {self._name} runs twice: {found}", host=self.host.name)
+        return found[0] if found else None
+
+    def power_on(self) -> None:
+        self.host.start_vm(self._name)
+
+    def __repr__(self) -> str:
+        return f"EsxiLabVm({self._name!r} on {self.host.name})"
