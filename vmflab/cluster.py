@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -111,7 +112,12 @@ class Cluster:
                 for agent, text in self._agents.items():
                     dirs.install(agent, text)
                 self._supervisors[node] = NodeSupervisor(
-                    spec, dirs, self.vms[node], self._machine_factory(spec, dirs), self._changed
+                    spec,
+                    dirs,
+                    self.vms[node],
+                    self._machine_factory(spec, dirs),
+                    self._changed,
+                    may_reboot=partial(self._left_and_fenced, node),
                 )
             began = time.monotonic()
             self._switch.start()
@@ -175,6 +181,28 @@ class Cluster:
     ) -> subprocess.CompletedProcess[str]:
         """Runs ``argv`` on ``node`` (inside its machine)."""
         return self.machine(node).run(argv, timeout=timeout, check=check)
+
+    def _left_and_fenced(self, node: str) -> bool:
+        """Whether ``node`` may boot again: a survivor has seen it leave and no fencing of it is
+        still pending. A real VM boots for far longer than that; a lab VM is back in under a
+        second, and a node that rejoins before its own fencing completes is told it was fenced
+        ("We were allegedly just fenced") and stops for good."""
+        for other, supervisor in self._supervisors.items():
+            if other == node or supervisor.machine is None:
+                continue
+            try:
+                if self.view(via=other).nodes[node].online:
+                    return False
+                history = self.run(
+                    other,
+                    ["stonith_admin", "--history", node, "--output-as=xml"],
+                    timeout=30,
+                    check=False,
+                )
+            except (LabError, subprocess.SubprocessError, KeyError):
+                return False
+            return history.returncode == 0 and 'status="pending"' not in history.stdout
+        return True  # nobody left to ask: the whole cluster is booting
 
     def view(self, via: str) -> ClusterView:
         """``crm_mon`` as seen from node ``via``."""

@@ -23,6 +23,8 @@ from vmflab.cluster_machine import GONE_TIMEOUT_S, Machine, NodeDirs
 from vmflab.cluster_vm import NodeVm
 from vmflab.control import LabError
 
+REBOOT_WAIT_S = 60.0
+REBOOT_POLL_S = 0.25  # each look runs crm_mon and stonith_admin on a survivor
 POLL_S = 0.02  # how often a VM that is off is looked for
 
 
@@ -47,12 +49,16 @@ class NodeSupervisor:
         vm: NodeVm,
         new_machine: Callable[[int], Machine],
         changed: threading.Condition,
+        *,
+        may_reboot: Callable[[], bool] = lambda: True,
     ) -> None:
-        """``new_machine(n)`` makes the (unbooted) machine of the node's n-th boot."""
+        """``new_machine(n)`` makes the (unbooted) machine of the node's n-th boot;
+        ``may_reboot()`` tells when a node that ran before may boot again."""
         self.spec = spec
         self.dirs = dirs
         self.vm = vm
         self._new_machine = new_machine
+        self._may_reboot = may_reboot
         self._changed = changed
         self._lives: list[Life] = []
         self._machine: Machine | None = None
@@ -131,6 +137,8 @@ class NodeSupervisor:
             # The PID may have been reused between the scan and the open: look again.
             if self.vm.process() != pid:
                 return
+            if self._boots and not self._boot_allowed(pidfd):
+                return
             self._boots += 1
             machine = self._new_machine(self._boots)
             life = Life(vm_pid=pid, seen=time.monotonic())
@@ -147,6 +155,18 @@ class NodeSupervisor:
                     self._changed.notify_all()
         finally:
             os.close(pidfd)
+
+    def _boot_allowed(self, pidfd: int) -> bool:
+        """Waits (like a VM's firmware and boot loader) until the cluster has finished with
+        the node's previous life; False if the VM died meanwhile or the lab stops."""
+        deadline = time.monotonic() + REBOOT_WAIT_S
+        while not self._may_reboot():
+            if self._stopping.is_set() or readable(pidfd):
+                return False
+            if time.monotonic() > deadline:
+                break  # boot anyway: a test waiting on the node will report what it sees
+            self._stopping.wait(REBOOT_POLL_S)
+        return not readable(pidfd)
 
     def _boot(self, machine: Machine, pidfd: int, life: Life) -> None:
         try:
