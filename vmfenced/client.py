@@ -289,6 +289,9 @@ class HostInfo(NamedTuple):
     rtt_ms: float | None
     inventory_age_s: float | None
     vm_count: int
+    # Address the fence lane reaches now (a fallback when the primary is unreachable).
+    fence_address: str | None = None
+    inventory_address: str | None = None
 
 
 class VmInfo(NamedTuple):
@@ -359,6 +362,14 @@ def _opt_num(obj: JsonObject, key: str, where: str) -> float | None:
     return None if obj.get(key) is None else _num(obj, key, where)
 
 
+def _lane_address(host: JsonObject, lane: str) -> str | None:
+    """`connected_address.<lane>`; absent from daemons older than fallback addresses."""
+    if host.get("connected_address") is None:
+        return None
+    addresses: JsonObject = _get(host, "connected_address", dict, "status host")
+    return _opt_str(addresses, lane, "status host connected_address")
+
+
 def _objects(obj: JsonObject, key: str, where: str) -> list[JsonObject]:
     items: list[object] = _get(obj, key, list, where)
     objects = [item for item in items if isinstance(item, dict)]
@@ -391,6 +402,8 @@ def parse_status(result: JsonObject) -> StatusResult:
             rtt_ms=_opt_num(h, "rtt_ms", "status host"),
             inventory_age_s=_opt_num(h, "inventory_age_s", "status host"),
             vm_count=_int(h, "vm_count", "status host"),
+            fence_address=_lane_address(h, "fence"),
+            inventory_address=_lane_address(h, "inventory"),
         )
         for h in _objects(result, "hosts", "status")
     )

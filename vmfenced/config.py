@@ -99,13 +99,33 @@ class SSHConfig(_Frozen):
     connect_timeout: Seconds = 5
     keepalive_interval: Seconds = 1
     keepalive_count_max: Annotated[int, Field(ge=1, le=100)] = 3
+    # Local address the SSH connections bind to, so fencing traffic leaves through the
+    # signalling network's interface; None lets the kernel choose.
+    source_address: str | None = None
+
+    @field_validator("source_address")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        return _ip_literal(value)
+
+
+def _ip_literal(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address literal") from None
+    return value
 
 
 class HostConfig(_Frozen):
     name: Annotated[str, Field(pattern=_NAME)]
     address: Annotated[str, Field(min_length=1, max_length=255)]
     port: Annotated[int, Field(ge=1, le=65535)] = 22
-    kind: Literal["esxi", "libvirt"] = "esxi"
+    kind: Literal["esxi", "libvirt", "esx-classic"] = "esxi"
+    # Other addresses of this same host (say its management network), tried in order when
+    # `address` is unreachable; each is checked against known_hosts on its own.
+    fallback_addresses: tuple[Annotated[str, Field(min_length=1, max_length=255)], ...] = ()
     # libvirt hosts only: the libvirtd that virsh talks to (LIBVIRT_DEFAULT_URI on the host).
     libvirt_uri: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://[^\s]*$", max_length=1024)] = (
         "qemu:///system"
@@ -117,6 +137,29 @@ class HostConfig(_Frozen):
     connect_timeout: Seconds | None = None
     keepalive_interval: Seconds | None = None
     keepalive_count_max: Annotated[int, Field(ge=1, le=100)] | None = None
+    source_address: str | None = None
+
+    @field_validator("source_address")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        return _ip_literal(value)
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> HostConfig:
+        seen = {self.address}
+        for address in self.fallback_addresses:
+            if not address.strip():
+                raise ValueError("fallback_addresses: an address is blank")
+            if address in seen:
+                raise ValueError(
+                    f"fallback_addresses: {address!r} is listed twice or is the primary address"
+                )
+            seen.add(address)
+        return self
+
+    def addresses(self) -> tuple[str, ...]:
+        """The primary address, then the fallbacks, in the order they are tried."""
+        return (self.address, *self.fallback_addresses)
 
     @model_validator(mode="after")
     def _libvirt_only(self) -> HostConfig:

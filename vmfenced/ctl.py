@@ -32,6 +32,7 @@ from vmfenced.client import (
     Client,
     ClientError,
     DaemonError,
+    HostInfo,
     JsonObject,
     parse_fence,
     parse_history,
@@ -173,6 +174,16 @@ def _endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def _address_column(h: HostInfo) -> str:
+    """The address the fence lane uses now; marked when it is not the configured primary."""
+    text = _endpoint(h.fence_address or h.address, h.port)
+    if h.fence_address is not None and h.fence_address != h.address:
+        text += " (fallback)"
+    if h.inventory_address is not None and h.inventory_address != h.fence_address:
+        text += f" inv {h.inventory_address}"
+    return text
+
+
 def render_status(result: JsonObject, now: float) -> str:
     status = parse_status(result)
     d = status.daemon
@@ -182,7 +193,7 @@ def render_status(result: JsonObject, now: float) -> str:
         [
             (
                 h.name,
-                _endpoint(h.address, h.port),
+                _address_column(h),
                 h.state,
                 "-" if h.since is None else format_age(now - h.since) + " ago",
                 "-" if h.rtt_ms is None else f"{h.rtt_ms:.2f} ms",

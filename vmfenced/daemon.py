@@ -17,7 +17,7 @@ import structlog
 
 from vmfenced import __version__, logsetup
 from vmfenced.api import Api
-from vmfenced.backends import Backend, esxi, libvirt
+from vmfenced.backends import Backend, esx_classic, esxi, libvirt
 from vmfenced.config import Config, check_environment, load
 from vmfenced.errors import ConfigError, StartupError
 from vmfenced.fence import Fencer
@@ -34,7 +34,11 @@ from vmfenced.server import Peer, SocketServer
 from vmfenced.watchdog import Watchdog, journal_flowing, socket_accepts
 
 DEFAULT_CONFIG = Path("/etc/vmfenced/vmfenced.toml")
-BACKENDS: dict[str, Backend] = {"esxi": esxi.BACKEND, "libvirt": libvirt.BACKEND}
+BACKENDS: dict[str, Backend] = {
+    "esxi": esxi.BACKEND,
+    "libvirt": libvirt.BACKEND,
+    "esx-classic": esx_classic.BACKEND,
+}
 
 __all__ = ["BACKENDS", "Daemon", "check", "load_keys", "main"]
 

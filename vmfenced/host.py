@@ -120,6 +120,11 @@ class Host:
             "since": fence.since,
             "reason": fence.reason,
             "lanes": {"fence": fence.state.value, "inventory": self.inventory.state.value},
+            # Which of the host's addresses each lane reaches now (None while not connected).
+            "connected_address": {
+                "fence": fence.connected_address,
+                "inventory": self.inventory.connected_address,
+            },
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "inventory_age_s": None
             if inventory_at is None

@@ -98,6 +98,8 @@ class Lane:
         self._buffer = bytearray()
         self._broken: str | None = None
         self._attempting = False
+        # The address of `host` this lane's connection reaches now (primary or a fallback).
+        self.connected_address: str | None = None
         self._log = structlog.get_logger("vmfenced.link").bind(host=host.name, lane=name)
 
     # -- state ---------------------------------------------------------------------------------
@@ -154,12 +156,33 @@ class Lane:
         )
 
     async def _open(self) -> None:
+        """The primary address first, then each fallback in order, every time."""
+        addresses = self.host.addresses()
+        failures = []
+        for address in addresses:
+            try:
+                async with asyncio.timeout(self.ssh.connect_timeout * 2):
+                    await self._open_at(address)
+            except (OSError, asyncssh.Error, TimeoutError, LinkError) as exc:
+                self._drop()
+                if len(addresses) == 1:
+                    raise
+                failures.append(f"{address}: {describe(exc)}")
+                continue
+            if address != addresses[0]:
+                self._log.warning("using a fallback address", address=address, failed=failures)
+            return
+        raise LinkError(self.host.name, self.name, "; ".join(failures))
+
+    async def _open_at(self, address: str) -> None:
         client = _Client()
+        source = self.ssh.source_address
         conn = await asyncssh.connect(
-            self.host.address,
+            address,
             self.host.port,
             options=self._options(),
             client_factory=lambda: client,
+            local_addr=() if source is None else (source, 0),
         )
         try:
             # An exec request, not a PTY shell: ESXi logs idle interactive shells out.
@@ -168,6 +191,7 @@ class Lane:
             conn.abort()
             raise
         self._conn, self._client, self._proc = conn, client, proc
+        self.connected_address = address
         self._buffer.clear()
         self._broken = None
         await self._exchange(self._setup, self.ssh.connect_timeout)
@@ -192,7 +216,9 @@ class Lane:
                 self._set(LinkState.CONNECTING, self.reason)
             self._attempting = True
             try:
-                async with asyncio.timeout(self.ssh.connect_timeout * 2):
+                async with asyncio.timeout(
+                    self.ssh.connect_timeout * 2 * len(self.host.addresses())
+                ):
                     await self._open()
             except (OSError, asyncssh.Error, TimeoutError, LinkError) as exc:
                 self._attempting = False
@@ -208,7 +234,7 @@ class Lane:
             attempt = 0
             self._attempting = False
             self._set(LinkState.UP, None)
-            self._log.info("link up", address=f"{self.host.address}:{self.host.port}")
+            self._log.info("link up", address=f"{self.connected_address}:{self.host.port}")
             reason = await self._until_closed()
             self._drop()
             self._set(LinkState.DOWN, reason)
@@ -238,6 +264,7 @@ class Lane:
         if self._conn is not None:
             self._conn.abort()
         self._conn = self._proc = self._client = None
+        self.connected_address = None
 
     async def close(self) -> None:
         conn = self._conn
@@ -324,4 +351,9 @@ class Lane:
         return output, status
 
     def snapshot(self) -> dict[str, Any]:
-        return {"state": self.state.value, "since": self.since, "reason": self.reason}
+        return {
+            "state": self.state.value,
+            "since": self.since,
+            "reason": self.reason,
+            "connected_address": self.connected_address,
+        }

@@ -71,8 +71,9 @@ class SocketServer:
             raise StartupError(f"cannot remove stale socket {self.path}: {exc.strerror}") from None
         old_umask = os.umask(0o177)  # never a window where the socket is world-connectable
         try:
+            # A deep backlog: a burst of clients (every node's agent at once) queues, not fails.
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_REQUEST
+                self._serve, path=str(self.path), limit=MAX_REQUEST, backlog=MAX_CLIENTS
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {self.path}: {exc.strerror}") from None

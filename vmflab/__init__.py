@@ -5,9 +5,18 @@ loopback address, ESXi command shims (``vmdumper``, ``ps``, ``esxcli``, ``vim-cm
 and VMs that are real processes (``vmflab/vmx.c``).
 """
 
+from vmflab.classic import EsxClassicHost
 from vmflab.control import LabError, SshCommandError
 from vmflab.host import LabHost, RunningVm
 from vmflab.lab import Lab
 from vmflab.libvirt import LibvirtHost
 
-__all__ = ["Lab", "LabError", "LabHost", "LibvirtHost", "RunningVm", "SshCommandError"]
+__all__ = [
+    "EsxClassicHost",
+    "Lab",
+    "LabError",
+    "LabHost",
+    "LibvirtHost",
+    "RunningVm",
+    "SshCommandError",
+]

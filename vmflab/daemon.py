@@ -68,6 +68,9 @@ def render_config(
         lines += [f"kind = {toml_value(host.kind)}"]
         if host.username != lab.username:
             lines += [f"username = {toml_value(host.username)}"]
+        fallbacks = getattr(host, "fallback_addresses", ())
+        if fallbacks:
+            lines += [f"fallback_addresses = {toml_value(list(fallbacks))}"]
     lines += ["", "[aliases]"]
     lines += [f"{toml_value(k)} = {toml_value(v)}" for k, v in (aliases or {}).items()]
     return "\n".join(lines) + "\n"

@@ -77,6 +77,9 @@ class LabHost:
         self._pid_ns: int | None = None
         self._vms: dict[str, str] = {}
         self._lock = threading.Lock()
+        # Other loopback addresses the host's sshd also listens on (a second network).
+        self.fallback_addresses: tuple[str, ...] = ()
+        self._primary_cut = False
 
     @property
     def username(self) -> str:
@@ -88,7 +91,7 @@ class LabHost:
         """Starts the namespace and its init and asks for sshd; ``wait_ready`` completes it."""
         if self._proc is not None:
             raise LabError("host already launched", host=self.name)
-        self.files.write_sshd_config(self.address, self.port)
+        self._write_sshd_config()
         init_err = self.files.init_err.open("ab")
         try:
             self._proc = subprocess.Popen(
@@ -113,6 +116,13 @@ class LabHost:
             init_err.close()
         self._control = InitControl(self._proc, host=self.name, err_file=self.files.init_err)
         self._control.send("start-sshd")
+
+    def prepare_kind(self) -> None:
+        """Adjusts the host's files for its kind once they exist (ESXi: nothing to do)."""
+
+    def _write_sshd_config(self) -> None:
+        listen = self.fallback_addresses if self._primary_cut else (self.address,)
+        self.files.write_sshd_config(listen[0], self.port, listen[1:] + self.fallback_addresses)
 
     def _init_command(self) -> list[str]:
         files = self.files
@@ -145,7 +155,7 @@ class LabHost:
             if answer == "ready" or "Address already in use" not in self.files.log_tail():
                 break
             self.port = self._pick_port(self.address)
-            self.files.write_sshd_config(self.address, self.port)
+            self._write_sshd_config()
             answer = control.request("start-sshd", timeout)
         self._check_sshd_answer(answer)
         self._init_pid = self._find_init_pid()
@@ -225,7 +235,8 @@ class LabHost:
     # ---------------------------------------------------------------------- ssh
     def ssh_argv(self, command: str) -> list[str]:
         """The OpenSSH client command line that runs ``command`` on this host as the lab user."""
-        return ssh_argv(self._ssh, self.address, self.port, command)
+        address = self.fallback_addresses[0] if self._primary_cut else self.address
+        return ssh_argv(self._ssh, address, self.port, command)
 
     def ssh(
         self, command: str, *, check: bool = True, timeout: float = 15
@@ -331,6 +342,22 @@ class LabHost:
         answer = self._require_control().request("start-sshd", START_TIMEOUT_S)
         self._check_sshd_answer(answer)
 
+    def cut_primary(self) -> None:
+        """sshd restarts listening on the fallback addresses only: the primary refuses."""
+        if not self.fallback_addresses:
+            raise LabError("no fallback address to keep", host=self.name)
+        self._restart_sshd(cut=True)
+
+    def restore_primary(self) -> None:
+        """sshd restarts listening on every address again."""
+        self._restart_sshd(cut=False)
+
+    def _restart_sshd(self, *, cut: bool) -> None:
+        self.stop_sshd()
+        self._primary_cut = cut
+        self._write_sshd_config()
+        self.start_sshd()
+
     def rekey(self, *, trust: bool = True) -> None:
         """Gives the host a new host key (restarting sshd). ``trust``: update known_hosts."""
         self.stop_sshd()
@@ -341,7 +368,8 @@ class LabHost:
 
     def known_hosts_line(self) -> str:
         key_type, key_b64 = self.files.host_public_key()
-        return f"[{self.address}]:{self.port} {key_type} {key_b64}"
+        patterns = ",".join(f"[{a}]:{self.port}" for a in (self.address, *self.fallback_addresses))
+        return f"{patterns} {key_type} {key_b64}"
 
     # ----------------------------------------------------------------- helpers
     def _require_proc(self) -> subprocess.Popen[bytes]:

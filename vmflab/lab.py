@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from vmflab.classic import EsxClassicHost
 from vmflab.control import LabError
 from vmflab.host import LabHost, SshSettings
 from vmflab.libvirt import LibvirtHost, kvm_usable, start_hosts
@@ -118,10 +119,18 @@ class Lab:
         cache_dir: Path | None = None,
         libvirt_hosts: Sequence[str] = (),
         accel: str = "auto",
+        classic_hosts: Sequence[str] = (),
+        dual_homed: Sequence[str] = (),
     ) -> None:
         """``libvirt_hosts``: KVM hosts with real qemu VMs (``vmflab.libvirt``), reached as root;
-        ``accel``: "kvm", "tcg" or "auto" (KVM when /dev/kvm is usable)."""
-        names = list(host_names)
+        ``accel``: "kvm", "tcg" or "auto" (KVM when /dev/kvm is usable);
+        ``classic_hosts``: ESX 3.x service-console hosts (``vmflab.classic``), after the ESXi
+        ones; ``dual_homed``: ESXi or classic hosts whose sshd also listens on a second
+        loopback address (``LabHost.fallback_addresses``, ``cut_primary``)."""
+        names = [*host_names, *classic_hosts]
+        unknown = set(dual_homed) - set(names)
+        if unknown:
+            raise LabError(f"dual_homed hosts {sorted(unknown)} are not ESXi or classic hosts")
         for name in [*names, *libvirt_hosts]:
             self._check_host_name(name)
         if len(set(names) | set(libvirt_hosts)) != len(names) + len(libvirt_hosts):
@@ -135,6 +144,8 @@ class Lab:
         self.hosts: dict[str, LabHost] = {}
         self.libvirt: dict[str, LibvirtHost] = {}
         self._names = names
+        self._classic = set(classic_hosts)
+        self._dual_homed = set(dual_homed)
         self._libvirt_names = list(libvirt_hosts)
         self._accel = accel
         self._cache_dir = cache_dir or default_cache_dir()
@@ -169,6 +180,8 @@ class Lab:
             self._prepare()
             hosts = [self._new_host(name) for name in self._names]
             self._keygen([host.files for host in hosts], client=True)
+            for host in hosts:
+                host.prepare_kind()
             for host in hosts:
                 self.hosts[host.name] = host
                 host.launch()
@@ -229,6 +242,7 @@ class Lab:
 
     def _new_address(self) -> str:
         used = {host.address for host in self._all_hosts()}
+        used |= {a for host in self.hosts.values() for a in host.fallback_addresses}
         while True:
             address = f"127.77.{self._rng.randrange(1, 255)}.{self._rng.randrange(1, 255)}"
             if address not in used:
@@ -269,7 +283,7 @@ class Lab:
         address = self._new_address()
         files = HostFiles(self.workdir / "hosts" / name, uid=self._uid, gid=self._gid)
         files.root.mkdir(mode=0o755, exist_ok=True)
-        return LabHost(
+        host = (EsxClassicHost if name in self._classic else LabHost)(
             name=name,
             address=address,
             port=free_port(address),
@@ -278,6 +292,12 @@ class Lab:
             pick_port=free_port,
             on_key_change=self.write_known_hosts,
         )
+        if name in self._dual_homed:
+            # Drawn now: hosts enter self.hosts only later, so exclude this one by hand.
+            while (fallback := self._new_address()) == address:
+                pass
+            host.fallback_addresses = (fallback,)
+        return host
 
     def add_host(self, name: str) -> LabHost:
         """Adds a host and starts it at once."""
@@ -288,6 +308,7 @@ class Lab:
             raise LabError(f"host {name!r} already exists")
         host = self._new_host(name)
         self._keygen([host.files], client=False)
+        host.prepare_kind()
         self.hosts[name] = host
         host.launch()
         host.wait_ready()

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 import uuid as uuid_module
+from collections.abc import Sequence
 from pathlib import Path
 
 from vmflab.control import LabError
@@ -152,9 +153,12 @@ class HostFiles:
         fields = self.host_key.with_name(self.host_key.name + ".pub").read_text().split()
         return fields[0], fields[1]
 
-    def write_sshd_config(self, address: str, port: int) -> None:
+    def write_sshd_config(self, address: str, port: int, extra: Sequence[str] = ()) -> None:
+        """``extra``: more addresses sshd listens on (same port); duplicates are dropped."""
+        others = [a for a in dict.fromkeys(extra) if a != address]
         lines = [
             f"ListenAddress {address}:{port}",
+            *(f"ListenAddress {a}:{port}" for a in others),
             f"HostKey {self.host_key}",
             f"AuthorizedKeysFile {NS_LAB}/authorized_keys",
             f"PidFile {self.pid_file}",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,23 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def connect(sock: socket.socket, path: Path) -> None:
+    """A full listen backlog answers EAGAIN: a hostile flood must not fail the observer."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            select.select([], [], [], 0.01)  # back off while the daemon accepts
+
+
 def exchange(path: Path, payload: bytes) -> list[dict[str, Any]]:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(20)
-        sock.connect(str(path))
+        connect(sock, path)
         try:
             sock.sendall(payload)
             sock.shutdown(socket.SHUT_WR)
@@ -120,12 +135,12 @@ def test_idle_and_non_reading_clients_do_not_starve_others(daemon: LabDaemon) ->
     try:
         for _ in range(1500):  # more than the daemon serves at once
             sock = socket.socket(socket.AF_UNIX)
-            sock.connect(str(daemon.socket))
             idle.append(sock)
+            connect(sock, daemon.socket)
         # A client that floods requests and never reads its replies.
         flood = socket.socket(socket.AF_UNIX)
         idle.append(flood)
-        flood.connect(str(daemon.socket))
+        connect(flood, daemon.socket)
         flood.setblocking(False)
         sent = 0
         line = b'{"op":"status"}\n'

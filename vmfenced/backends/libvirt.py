@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from vmfenced.backends import Backend, Listing, parse_kill_marker
+from vmfenced.backends import Backend, Listing, parse_kill_marker, procfs
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
 from vmfenced.model import RegisteredVM, RunningVM
@@ -29,18 +29,16 @@ REGISTERED_COMMAND = f"""if vmf_o=$({REGISTERED} 2>&1); then
 else
   vmf_o=$(virsh list --all --name) && printf 'vmf:name\\n%s\\n' "$vmf_o"
 fi"""
-# Builtin checks of a killed PID before the host-side wait starts paying for `sleep`.
-SPIN = 200
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _VM_LINE = re.compile(rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<uuid>{_UUID}|-) (?P<name>.+)$")
 _UUID_NAME = re.compile(rf"^(?P<uuid>{_UUID}) (?P<name>.+)$")
 
-# awk helpers shared by every program below (POSIX awk; gawk and mawk read NUL-separated
-# /proc/PID/cmdline with RS = "\0"). vmf_args fills A[] with a process's argv and returns its
-# length, -1 when unreadable; vmf_stat fills S[] with the fields after "(comm) " (S[1] state,
-# S[18] num_threads, S[20] starttime) and returns 0 when the process is gone.
-_AWK_LIB = r"""
+# vmf_guest decodes a qemu `-name` argument (guest=NAME, `,,` a literal comma); the /proc
+# helpers (vmf_args, vmf_stat, vmf_dead, vmf_opt) are shared with the other Linux backends.
+_AWK_LIB = (
+    procfs.AWK_LIB
+    + r"""
 function vmf_guest(v,   n, i, c, e, el) {
   n = 0; e = ""
   for (i = 1; i <= length(v) + 1; i++) {
@@ -55,29 +53,8 @@ function vmf_guest(v,   n, i, c, e, el) {
   }
   return "\n"
 }
-function vmf_args(p,   f, r, a, n) {
-  f = "/proc/" p "/cmdline"; n = 0
-  split("", A)
-  while ((r = (getline a < f)) > 0) A[++n] = a
-  close(f)
-  return r < 0 ? -1 : n
-}
-function vmf_stat(p,   f, s, r) {
-  f = "/proc/" p "/stat"; s = ""
-  r = (getline s < f)
-  close(f)
-  if (r <= 0) return 0
-  sub(/\n$/, "", s)
-  sub(/.*\) /, "", s)
-  split(s, S, " ")
-  return 1
-}
-function vmf_dead() { return S[1] == "X" || (S[1] == "Z" && S[18] == 1) }
-function vmf_opt(o,   i) {
-  for (i = 1; i < vmf_n; i++) if (A[i] == o) return A[i + 1]
-  return "\n"
-}
 """
+)
 
 # Argument pairs "PID NAME" from the pid files; prints one `vmf:vm PID UUID NAME` per domain
 # whose qemu still runs under that PID, then `vmf:end`. Exit 3 on any doubt.
@@ -265,47 +242,7 @@ def kill_command(vm: RunningVM, budget: float) -> str:
     process started later (starttime differs: reused after our kill was reaped).
     A check that cannot conclude is `vmf:error`, never "not running".
     """
-    tries = SPIN + max(1, int(budget / 0.01))
-    return f"""VMF_NAME={shlex.quote(vm.name)}; export VMF_NAME; vmf_p={vm.cartel}; vmf_start=
-vmf_chk() {{
-  vmf_o=$(awk {shlex.quote(_AWK_CHECK)} "$vmf_p" 2>&1)
-  case $? in
-    10) vmf_start=${{vmf_o##*[!0-9]}}; return 0;;
-    11) return 1;;
-    12) return 2;;
-  esac
-  [ -r /proc/1/stat ] && [ ! -e "/proc/$vmf_p" ] && return 1
-  return 3
-}}
-vmf_gone() {{
-  vmf_l=
-  {{ read -r vmf_l < "/proc/$vmf_p/stat"; }} 2>/dev/null
-  [ -n "$vmf_l" ] || return 0
-  set -- ${{vmf_l##*) }}
-  [ "$1" = X ] && return 0
-  [ "$1" = Z ] && [ "${{18}}" = 1 ] && return 0
-  [ -n "$vmf_start" ] && [ "${{20}}" != "$vmf_start" ] && return 0
-  return 1
-}}
-vmf_chk; vmf_r=$?
-if [ "$vmf_r" -eq 0 ]; then
-  if ! kill -9 "$vmf_p" 2>/dev/null && ! vmf_gone; then
-    echo "kill -9 $vmf_p refused"; echo vmf:error
-  else
-    vmf_i=0
-    while ! vmf_gone; do
-      vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge {tries} ] && break
-      [ "$vmf_i" -gt {SPIN} ] && {{ sleep 0.01 2>/dev/null || sleep 1; }}
-    done
-    if vmf_gone; then echo vmf:killed; else echo vmf:alive; fi
-  fi
-else
-  case $vmf_r in
-    1) echo vmf:not-running;;
-    2) echo vmf:not-that-vm;;
-    *) printf '%s\\n' "$vmf_o"; echo vmf:error;;
-  esac
-fi"""
+    return procfs.kill_script("VMF_NAME", vm.name, vm.cartel, _AWK_CHECK, budget)
 
 
 def power_on_command(vm: RegisteredVM) -> str:

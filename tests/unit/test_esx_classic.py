@@ -1,0 +1,235 @@
+"""esx-classic backend: parsers on real `ps -e -ww -o pid=,args=` output of vmware-vmx processes
+(paths with spaces), its /proc scripts run for real (dash) against local processes whose argv
+is an ESX 3 vmware-vmx command line, the fallback/source-address config, and status rendering."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmfenced.backends import esx_classic as ec
+from vmfenced.backends import parse_kill_marker
+from vmfenced.client import parse_status
+from vmfenced.config import HostConfig, parse
+from vmfenced.ctl import render_status
+from vmfenced.daemon import BACKENDS
+from vmfenced.errors import ConfigError, ParseError
+from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
+
+VMX = "/usr/lib/vmware/bin/vmware-vmx"
+OPTS = (
+    "-ssched.group=host/user -# product=2;name=VMware ESX Server;version=3.5.0;"
+    "buildnumber=64607 -@ pipe=/tmp/vmhsdaemon-0/vmx22;readyEvent=44"
+)
+# `ps -e -ww -o pid=,args=` on a lab esx-classic host (procps-ng 4.0.2), argv as on ESX 3.5.
+PS_OUTPUT = f"""      1 /usr/bin/python3 -I -S /work/main/vmflab/init.py --vmfs /tmp/lab/vmfs
+      2 sshd: /usr/sbin/sshd -D -e -f /tmp/lab/sshd_config [listener] 0 of 100-200 startups
+     22 {VMX} {OPTS} /vmfs/volumes/ds1/node 1/node 1.vmx
+     51 {VMX} {OPTS} /vmfs/volumes/ds1/node10/node10.vmx
+     60 [vmware-vmx] <defunct>
+     79 sshd: vmflab [priv]
+     83 /bin/sh -c grep node1.vmx /vmfs/volumes/ds1/node1/node1.vmx
+     84 ps -e -ww -o pid=,args=
+"""
+
+
+def test_ps_listing_on_real_output_with_spaces_in_paths() -> None:
+    vms = ec.parse_ps(PS_OUTPUT)
+    assert vms == (
+        RunningVM(name="node 1", config_file="/vmfs/volumes/ds1/node 1/node 1.vmx", cartel=22),
+        RunningVM(name="node10", config_file="/vmfs/volumes/ds1/node10/node10.vmx", cartel=51),
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"  7 {VMX} -@ pipe=/tmp/x\n",  # no .vmx: a truncated line could hide a VM
+        f"  7 {VMX} /a/x.vmx\n  8 {VMX} /a/x.vmx\n",  # one .vmx running twice
+        "garbage line\n",
+    ],
+)
+def test_ps_listing_rejects_what_it_cannot_read(text: str) -> None:
+    with pytest.raises(ParseError):
+        ec.parse_ps(text)
+
+
+def test_proc_listing_lines() -> None:
+    text = "vmf:vm 22 /vmfs/volumes/ds1/node 1/node 1.vmx\nvmf:vm 51 /v/a/b.vmx\nvmf:end\n"
+    assert [(vm.name, vm.cartel) for vm in ec.parse_proc_listing(text)] == [
+        ("node 1", 22),
+        ("b", 51),
+    ]
+    assert ec.parse_proc_listing("vmf:end\n") == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "vmf:vm 22 /a/b.vmx\n",  # no end
+        "vmf:doubt vmware-vmx 7 has no .vmx argument\n",
+        "vmf:vm 22 /a/b.vmx\nvmf:end\nvmf:vm 23 /a/c.vmx\n",
+        "vmf:vm 0 /a/b.vmx\nvmf:end\n",
+        "vmf:vm 22 relative.vmx\nvmf:end\n",
+    ],
+)
+def test_proc_listing_rejects_anything_doubtful(text: str) -> None:
+    with pytest.raises(ParseError):
+        ec.parse_proc_listing(text)
+
+
+def test_registered_and_power_on() -> None:
+    text = "/vmfs/volumes/ds1/node 1/node 1.vmx\n/vmfs/volumes/ds1/node2/node2.vmx\n"
+    vms = ec.parse_registered(text)
+    assert [vm.name for vm in vms] == ["node 1", "node2"]
+    assert ec.power_on_command(vms[0]) == "vmware-cmd '/vmfs/volumes/ds1/node 1/node 1.vmx' start"
+    with pytest.raises(ParseError):
+        ec.parse_registered("VMControl error -3: Insufficient permissions\n")
+    assert BACKENDS["esx-classic"] is ec.BACKEND
+
+
+@pytest.fixture
+def vmx_processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Local processes with an ESX 3 vmware-vmx argv (tail -f under another argv[0])."""
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash for exec -a")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for path in ("/vmfs/volumes/ds1/n 1/n 1.vmx", "/vmfs/volumes/ds1/n10/n10.vmx"):
+            procs[path] = subprocess.Popen(
+                ["bash", "-c", f'exec -a {VMX} tail -f -- /dev/null "$0" 2>/dev/null', path],
+                stdout=subprocess.DEVNULL,
+            )
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def sh(script: str) -> str:
+    return subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, check=False, timeout=60
+    ).stdout
+
+
+def wait_exec(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Until every process shows the vmware-vmx argv (bash has exec'd), with a deadline."""
+    deadline = time.monotonic() + 30
+    for proc in procs.values():
+        while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(VMX.encode()):
+            assert time.monotonic() < deadline, "bash did not exec the vmware-vmx argv"
+            time.sleep(0.005)  # polling a condition with a deadline
+
+
+def test_scripts_on_local_vmware_vmx_processes(
+    vmx_processes: dict[str, subprocess.Popen[bytes]],
+) -> None:
+    wait_exec(vmx_processes)
+    ours = {proc.pid: path for path, proc in vmx_processes.items()}
+    found = ec.parse_proc_listing(sh(ec.proc_listing()))
+    assert {vm.cartel: vm.config_file for vm in found if vm.cartel in ours} == ours
+    found = ec.parse_ps(sh(ec.PS_LISTING))
+    assert {vm.cartel: vm.config_file for vm in found if vm.cartel in ours} == ours
+    a, b = vmx_processes.values()
+    path_a = next(p for p, proc in vmx_processes.items() if proc is a)
+    # A stale entry whose PID runs another VM's vmware-vmx is never killed.
+    stale = RunningVM(name="n 1", config_file=path_a, cartel=b.pid)
+    assert parse_kill_marker(sh(ec.kill_command(stale, 1.0))) is KillOutcome.NOT_THAT_VM
+    assert b.poll() is None
+    target = RunningVM(name="n 1", config_file=path_a, cartel=a.pid)
+    # Killed while still our unreaped child: a zombie whose only thread has exited is dead.
+    assert parse_kill_marker(sh(ec.kill_command(target, 2.0))) is KillOutcome.KILLED
+    a.wait()
+    assert parse_kill_marker(sh(ec.kill_command(target, 1.0))) is KillOutcome.NOT_RUNNING
+    assert b.poll() is None
+
+
+BASE: dict[str, Any] = {"hosts": [{"name": "esx3a", "address": "10.0.0.1"}]}
+
+
+def with_host(**keys: Any) -> dict[str, Any]:
+    return {"hosts": [{"name": "esx3a", "address": "10.0.0.1", **keys}]}
+
+
+def test_config_kind_fallbacks_and_source_address() -> None:
+    config = parse(
+        {
+            "ssh": {"source_address": "192.168.50.1"},
+            "hosts": [
+                {
+                    "name": "esx3a",
+                    "address": "192.168.50.11",
+                    "kind": "esx-classic",
+                    "fallback_addresses": ["10.0.0.11", "esx3a-mgmt.example"],
+                },
+                {"name": "esx3b", "address": "192.168.50.12", "source_address": "::1"},
+            ],
+        }
+    )
+    a, b = config.hosts
+    assert a.kind == "esx-classic"
+    assert a.addresses() == ("192.168.50.11", "10.0.0.11", "esx3a-mgmt.example")
+    assert config.ssh_for(a).source_address == "192.168.50.1"
+    assert config.ssh_for(b).source_address == "::1"
+    assert HostConfig(name="x", address="a").fallback_addresses == ()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({**BASE, "ssh": {"source_address": "eth0"}}, "ssh.source_address: 'eth0' is not an IP"),
+        (with_host(source_address="10.0.0"), "hosts[0] (esx3a).source_address: '10.0.0' is not"),
+        (with_host(fallback_addresses=["10.0.0.1"]), "fallback_addresses: '10.0.0.1' is listed"),
+        (with_host(fallback_addresses=["b", "b"]), "fallback_addresses: 'b' is listed twice"),
+        (with_host(fallback_addresses=[""]), "hosts[0] (esx3a).fallback_addresses[0]"),
+        (with_host(fallback_addresses=[" "]), "fallback_addresses: an address is blank"),
+        (with_host(fallback_addresses="10.0.0.2"), "hosts[0] (esx3a).fallback_addresses"),
+        (with_host(kind="esx3"), "hosts[0] (esx3a).kind"),
+    ],
+)
+def test_config_errors_name_the_key(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(data)
+    assert message in str(info.value)
+
+
+def status(connected: Any) -> dict[str, Any]:
+    host = {
+        "name": "esx3a",
+        "address": "192.168.50.11",
+        "port": 22,
+        "kind": "esx-classic",
+        "state": "up",
+        "since": 1.0,
+        "reason": None,
+        "lanes": {"fence": "up", "inventory": "up"},
+        "rtt_ms": 0.3,
+        "inventory_age_s": 1.0,
+        "vm_count": 0,
+    }
+    if connected is not None:
+        host["connected_address"] = connected
+    return {"daemon": {"version": "x", "pid": 1, "uptime_s": 1.0}, "hosts": [host], "vms": []}
+
+
+def test_status_shows_the_address_in_use() -> None:
+    on_fallback = status({"fence": "10.0.0.11", "inventory": "10.0.0.11"})
+    assert parse_status(on_fallback).hosts[0].fence_address == "10.0.0.11"
+    assert "10.0.0.11:22 (fallback)" in render_status(on_fallback, 2.0)
+    primary = status({"fence": "192.168.50.11", "inventory": None})
+    assert "192.168.50.11:22 " in render_status(primary, 2.0)
+    assert "(fallback)" not in render_status(primary, 2.0)
+    # Daemons older than fallback addresses send no connected_address.
+    assert "192.168.50.11:22" in render_status(status(None), 2.0)
+
+
+def test_registered_vm_power_on_quotes_the_path() -> None:
+    vm = RegisteredVM(vmid="/v/a'b/a'b.vmx", name="a'b", config_file="/v/a'b/a'b.vmx")
+    assert ec.power_on_command(vm) == "vmware-cmd '/v/a'\"'\"'b/a'\"'\"'b.vmx' start"

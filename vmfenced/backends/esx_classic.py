@@ -1,0 +1,200 @@
+"""ESX 3.x "classic": the RHEL-based service console, where each running VM is a `vmware-vmx`
+process whose last argument is the VM's .vmx path. There is no esxcli or vmdumper.
+
+The fence path reads /proc with one awk (the helpers shared with libvirt in `procfs`): one
+native round trip of a few ms. `ps -e -ww -o pid=,args=` is the fallback listing. `vmware-cmd`
+(a Perl runtime, about 3.5 s per call) serves only the registered-VM listing and power-on, on
+the inventory lane.
+
+A VM's name is its .vmx file's name without `.vmx` (`/vmfs/volumes/ds1/node2/node2.vmx` ->
+`node2`); cluster node names that differ are mapped with [aliases]. The guard compares the
+.vmx path exactly, argument for argument, so `node1.vmx` never matches `node10.vmx`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from vmfenced.backends import Backend, Listing, parse_kill_marker, procfs
+from vmfenced.config import HostConfig
+from vmfenced.errors import ParseError
+from vmfenced.model import RegisteredVM, RunningVM
+
+VMX_PROCESS = "vmware-vmx"
+PS_LISTING = "ps -e -ww -o pid=,args="
+REGISTERED_COMMAND = "vmware-cmd -l"
+
+_VM_LINE = re.compile(r"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<vmx>/.*\.vmx)$")
+_PS_LINE = re.compile(r"^\s*(?P<pid>[1-9][0-9]*) (?P<args>.*)$")
+
+# vmf_vmx: the last argument ending in .vmx ("\n": none); vmf_is_vmx: argv[0] is vmware-vmx.
+_AWK_LIB = (
+    procfs.AWK_LIB
+    + r"""
+function vmf_vmx(   i) {
+  for (i = vmf_n; i > 1; i--) if (A[i] ~ /\.vmx$/) return A[i]
+  return "\n"
+}
+function vmf_is_vmx() { return A[1] ~ /(^|\/)vmware-vmx$/ }
+"""
+)
+
+# argv = every /proc/PID/cmdline; one `vmf:vm PID PATH` per live vmware-vmx, then `vmf:end`.
+_AWK_SCAN = (
+    _AWK_LIB
+    + r"""
+BEGIN {
+  RS = "\0"
+  for (i = 1; i < ARGC; i++) {
+    p = ARGV[i]
+    sub(/^\/proc\//, "", p); sub(/\/cmdline$/, "", p)
+    if (!vmf_stat(p) || vmf_dead()) continue
+    vmf_n = vmf_args(p)
+    if (vmf_n <= 0 || !vmf_is_vmx()) continue
+    v = vmf_vmx()
+    if (v == "\n") { print "vmf:doubt vmware-vmx " p " has no .vmx argument"; exit 3 }
+    if (index(v, "\n") || substr(v, 1, 1) != "/") {
+      print "vmf:doubt vmware-vmx " p " has an unusable .vmx path"; exit 3
+    }
+    print "vmf:vm " p " " v
+  }
+  print "vmf:end"
+}
+"""
+)
+
+# One process (PID in ARGV[1], .vmx path in ENVIRON["VMF_VMX"]): prints its starttime and exits
+# 10 when it is that VM's vmware-vmx, 11 gone or dead, 12 something else, 13 no verdict.
+_AWK_CHECK = (
+    _AWK_LIB
+    + r"""
+BEGIN {
+  RS = "\0"; p = ARGV[1]
+  if (!vmf_stat(p)) exit 11
+  if (vmf_dead()) exit 11
+  vmf_n = vmf_args(p)
+  if (vmf_n < 0) exit 13
+  if (vmf_n == 0) {
+    if (!vmf_stat(p) || vmf_dead()) exit 11
+    exit 13
+  }
+  if (!vmf_is_vmx() || vmf_vmx() != ENVIRON["VMF_VMX"]) exit 12
+  print S[20]
+  exit 10
+}
+"""
+)
+
+
+def session_setup(_host: HostConfig) -> str:
+    # vmware-cmd lives in /usr/bin on the service console; sbin for tools of root's PATH.
+    return 'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/bin:/usr/sbin:/sbin"; export PATH'
+
+
+def vm_name(vmx: str) -> str:
+    """`/vmfs/volumes/ds1/node 2/node 2.vmx` -> `node 2`."""
+    return vmx.rsplit("/", 1)[-1].removesuffix(".vmx")
+
+
+def proc_listing() -> str:
+    return f"""vmf_ls() {{
+  [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
+  awk {shlex.quote(_AWK_SCAN)} /proc/[0-9]*/cmdline
+}}
+vmf_ls"""
+
+
+def _running(pid: int, vmx: str) -> RunningVM:
+    return RunningVM(name=vm_name(vmx), config_file=vmx, cartel=pid)
+
+
+def _unique(command: str, vms: list[RunningVM]) -> tuple[RunningVM, ...]:
+    seen: dict[str, int] = {}
+    for vm in vms:
+        if vm.config_file in seen:
+            raise ParseError(
+                command, f"{vm.config_file!r} runs twice (PIDs {seen[vm.config_file]}, {vm.cartel})"
+            )
+        seen[vm.config_file] = vm.cartel
+    return tuple(vms)
+
+
+def parse_proc_listing(text: str) -> tuple[RunningVM, ...]:
+    """`vmf:vm PID PATH` lines ended by `vmf:end`; anything else is an error."""
+    vms = []
+    ended = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if ended:
+            raise ParseError("esx-classic listing", f"line {number} after the end: {line[:200]!r}")
+        if line == "vmf:end":
+            ended = True
+            continue
+        match = _VM_LINE.match(line)
+        if match is None:
+            raise ParseError("esx-classic listing", f"line {number} not understood: {line[:200]!r}")
+        vms.append(_running(int(match["pid"]), match["vmx"]))
+    if not ended:
+        raise ParseError("esx-classic listing", "incomplete answer (no vmf:end)")
+    return _unique("esx-classic listing", vms)
+
+
+def parse_ps(text: str) -> tuple[RunningVM, ...]:
+    """`ps -e -ww -o pid=,args=`: vmware-vmx lines, the .vmx path being the last argument.
+
+    ps joins argv with spaces, so a path with spaces is read as the text after the last " /"
+    that ends in `.vmx` (options before it may hold paths too). A zombie shows as
+    `[vmware-vmx] <defunct>` and is skipped. A vmware-vmx line without a readable .vmx path is
+    an error: it could hide a running VM.
+    """
+    vms = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _PS_LINE.match(line)
+        if match is None:
+            raise ParseError(PS_LISTING, f"line {number} not understood: {line[:200]!r}")
+        args = match["args"].rstrip()
+        argv0 = args.split(" ", 1)[0]
+        if argv0 != VMX_PROCESS and not argv0.endswith("/" + VMX_PROCESS):
+            continue
+        at = args.rfind(" /")
+        if at < 0 or not args.endswith(".vmx"):
+            raise ParseError(PS_LISTING, f"line {number}: no .vmx path in {args[:200]!r}")
+        vms.append(_running(int(match["pid"]), args[at + 1 :]))
+    return _unique(PS_LISTING, vms)
+
+
+def parse_registered(text: str) -> tuple[RegisteredVM, ...]:
+    """`vmware-cmd -l`: one registered .vmx path per line; the path is the power-on handle."""
+    vms = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if not line.startswith("/") or not line.endswith(".vmx"):
+            raise ParseError(REGISTERED_COMMAND, f"line {number} not a .vmx path: {line[:200]!r}")
+        vms.append(RegisteredVM(vmid=line, name=vm_name(line), config_file=line))
+    return tuple(vms)
+
+
+def kill_command(vm: RunningVM, budget: float) -> str:
+    """Check /proc/PID/cmdline still runs this .vmx, kill -9, wait until gone or a dead zombie."""
+    return procfs.kill_script("VMF_VMX", vm.config_file, vm.cartel, _AWK_CHECK, budget)
+
+
+def power_on_command(vm: RegisteredVM) -> str:
+    return f"vmware-cmd {shlex.quote(vm.vmid)} start"
+
+
+BACKEND = Backend(
+    kind="esx-classic",
+    session_setup=session_setup,
+    listings=(Listing(proc_listing(), parse_proc_listing), Listing(PS_LISTING, parse_ps)),
+    registered_command=REGISTERED_COMMAND,
+    parse_registered=parse_registered,
+    kill_command=kill_command,
+    parse_kill=parse_kill_marker,
+    power_on_command=power_on_command,
+    power_on_timeout=60,
+)

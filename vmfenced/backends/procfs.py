@@ -1,0 +1,94 @@
+"""Linux /proc helpers shared by the backends of Linux hosts (libvirt/KVM, ESX classic).
+
+POSIX awk functions (gawk and mawk read NUL-separated /proc/PID/cmdline with RS = "\\0") and the
+guarded kill script built on them. "Dead" is decided in one place: a process is dead when
+/proc/PID is gone, its state is X, or it is a zombie whose last thread has exited (a zombie
+leader with threads still in the kernel may still have I/O in flight).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+# Builtin checks of a killed PID before the host-side wait starts paying for `sleep`.
+SPIN = 200
+
+# vmf_args fills A[] with a process's argv and returns its length, -1 when unreadable; vmf_stat
+# fills S[] with the fields after "(comm) " (S[1] state, S[18] num_threads, S[20] starttime) and
+# returns 0 when the process is gone; vmf_opt returns the argument after option o ("\n": none).
+AWK_LIB = r"""
+function vmf_args(p,   f, r, a, n) {
+  f = "/proc/" p "/cmdline"; n = 0
+  split("", A)
+  while ((r = (getline a < f)) > 0) A[++n] = a
+  close(f)
+  return r < 0 ? -1 : n
+}
+function vmf_stat(p,   f, s, r) {
+  f = "/proc/" p "/stat"; s = ""
+  r = (getline s < f)
+  close(f)
+  if (r <= 0) return 0
+  sub(/\n$/, "", s)
+  sub(/.*\) /, "", s)
+  split(s, S, " ")
+  return 1
+}
+function vmf_dead() { return S[1] == "X" || (S[1] == "Z" && S[18] == 1) }
+function vmf_opt(o,   i) {
+  for (i = 1; i < vmf_n; i++) if (A[i] == o) return A[i + 1]
+  return "\n"
+}
+"""
+
+
+def kill_script(env_name: str, env_value: str, pid: int, check_awk: str, budget: float) -> str:
+    """One round trip: `check_awk` says the PID runs the expected VM, kill -9, wait until dead.
+
+    `check_awk` gets the PID as ARGV[1] and `env_value` as ENVIRON[env_name]; it prints the
+    process's starttime and exits 10 when the PID is that VM, 11 gone or dead, 12 something
+    else, 13 no verdict. Dead also means the PID now belongs to a process started later
+    (starttime differs: reused after our kill was reaped). A check that cannot conclude is
+    `vmf:error`, never "not running".
+    """
+    tries = SPIN + max(1, int(budget / 0.01))
+    return f"""{env_name}={shlex.quote(env_value)}; export {env_name}; vmf_p={pid}; vmf_start=
+vmf_chk() {{
+  vmf_o=$(awk {shlex.quote(check_awk)} "$vmf_p" 2>&1)
+  case $? in
+    10) vmf_start=${{vmf_o##*[!0-9]}}; return 0;;
+    11) return 1;;
+    12) return 2;;
+  esac
+  [ -r /proc/1/stat ] && [ ! -e "/proc/$vmf_p" ] && return 1
+  return 3
+}}
+vmf_gone() {{
+  vmf_l=
+  {{ read -r vmf_l < "/proc/$vmf_p/stat"; }} 2>/dev/null
+  [ -n "$vmf_l" ] || return 0
+  set -- ${{vmf_l##*) }}
+  [ "$1" = X ] && return 0
+  [ "$1" = Z ] && [ "${{18}}" = 1 ] && return 0
+  [ -n "$vmf_start" ] && [ "${{20}}" != "$vmf_start" ] && return 0
+  return 1
+}}
+vmf_chk; vmf_r=$?
+if [ "$vmf_r" -eq 0 ]; then
+  if ! kill -9 "$vmf_p" 2>/dev/null && ! vmf_gone; then
+    echo "kill -9 $vmf_p refused"; echo vmf:error
+  else
+    vmf_i=0
+    while ! vmf_gone; do
+      vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge {tries} ] && break
+      [ "$vmf_i" -gt {SPIN} ] && {{ sleep 0.01 2>/dev/null || sleep 1; }}
+    done
+    if vmf_gone; then echo vmf:killed; else echo vmf:alive; fi
+  fi
+else
+  case $vmf_r in
+    1) echo vmf:not-running;;
+    2) echo vmf:not-that-vm;;
+    *) printf '%s\\n' "$vmf_o"; echo vmf:error;;
+  esac
+fi"""

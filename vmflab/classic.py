@@ -1,0 +1,85 @@
+"""A lab ESX 3.x "classic" host: a service console (Linux) with real sshd, native `ps`, VMs
+that are real processes named `vmware-vmx` whose argv ends with the .vmx path, and a slow
+`vmware-cmd` shim (about 3.5 s per call, like the Perl original).
+
+It is a `LabHost` (same namespaces, init, sshd and /vmfs layout) whose ESXi command shims
+(`ps`, `vmdumper`, `esxcli`, `vim-cmd`) are removed, so the host answers with native tools.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+from vmflab.control import LabError
+from vmflab.host import START_TIMEOUT_S, LabHost, RunningVm
+
+CLASSIC_SHIMS_DIR = Path(__file__).resolve().parent / "shims_classic"
+ESXI_ONLY_SHIMS = ("ps", "vmdumper", "esxcli", "vim-cmd")
+
+
+class EsxClassicHost(LabHost):
+    """VM names are .vmx basenames; a VM's "cartel" is its vmware-vmx PID."""
+
+    kind: ClassVar[str] = "esx-classic"
+    _next_pid: int | None = None
+
+    def prepare_kind(self) -> None:
+        """Swaps the ESXi shims for the service console's tools (after `HostFiles.prepare`)."""
+        bin_dir = self.files.bin
+        for name in ESXI_ONLY_SHIMS:
+            (bin_dir / name).unlink(missing_ok=True)
+        for shim in CLASSIC_SHIMS_DIR.iterdir():
+            if shim.is_file():
+                shutil.copyfile(shim, bin_dir / shim.name)
+                (bin_dir / shim.name).chmod(0o755)
+        tail = shutil.which("tail")
+        if tail is None:
+            raise LabError("no tail binary: the lab's vmware-vmx processes run it")
+        # Exec'd through a link of that name, the process's comm is vmware-vmx as on ESX 3.
+        link = bin_dir / "vmware-vmx"
+        link.unlink(missing_ok=True)
+        link.symlink_to(tail)
+
+    def set_next_pid(self, pid: int) -> None:
+        """Makes ``pid`` the PID of the next VM started by ``start_vm`` (not by vmware-cmd)."""
+        if not 2 <= pid < 2**22:
+            raise LabError(f"PID {pid} outside 2..{2**22 - 1}")
+        answer = self._require_control().request(f"pid-free {pid}", START_TIMEOUT_S)
+        if answer != "ok":
+            raise LabError(f"cannot give PID {pid} to the next VM: {answer}", host=self.name)
+        self._next_pid = pid
+
+    def start_vm(self, name: str, *, world_offset: int = 1) -> int:
+        """Starts the VM's vmware-vmx over ssh (creating the .vmx if needed); returns its PID."""
+        del world_offset  # ESX 3 has no worlds separate from the process
+        path = self._vms.get(name) or self.create_vm(name)
+        pid, self._next_pid = self._next_pid, None
+        command = f"vmflab-classic start {shlex.quote(path)}" + (f" {pid}" if pid else "")
+        text = self.ssh(command).stdout.strip()
+        if not text.isdigit():
+            raise LabError(f"vmflab-classic start printed {text!r} for {name!r}", host=self.name)
+        return int(text)
+
+    def stop_vm(self, name: str) -> None:
+        pid = self.vm_pids().get(name)
+        if pid is None:
+            raise LabError(f"VM {name!r} is not running", host=self.name)
+        self.ssh(f"vmflab-classic stop {pid}")
+
+    def running_vms(self) -> list[RunningVm]:
+        """Live vmware-vmx processes (by comm, independent of vmfenced's argv parsing)."""
+        vms = []
+        for line in self.ssh("vmflab-classic list").stdout.splitlines():
+            pid, sep, path = line.partition("\t")
+            if not sep or not pid.isdigit():
+                raise LabError(f"unexpected vmflab-classic line {line!r}", host=self.name)
+            name = path.rsplit("/", 1)[-1].removesuffix(".vmx")
+            vms.append(RunningVm(name=name, cartel=int(pid), world=0, uuid="", config_file=path))
+        return vms
+
+    def vmware_cmd(self, *args: str) -> str:
+        """Runs the (slow) vmware-cmd shim; returns its output."""
+        return self.ssh("vmware-cmd " + " ".join(shlex.quote(a) for a in args)).stdout
