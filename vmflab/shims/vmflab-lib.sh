@@ -145,3 +145,12 @@ vmflab_registry() {
     mv -f "$VMFLAB_REGISTRY.tmp.$$" "$VMFLAB_REGISTRY" 2>/dev/null
     rmdir "$vmflab_lock"
 }
+
+# What a call through hostd costs: $1 seconds, plus what a test wrote in run/hostd-delay
+# (a busy or hung hostd). Only the slow tools (esxcli, vim-cmd) pay it, as on ESXi.
+vmflab_hostd() {
+    sleep "$1"
+    if [ -r /vmfs/.lab/run/hostd-delay ] && read -r vmflab_delay < /vmfs/.lab/run/hostd-delay; then
+        sleep "$vmflab_delay"
+    fi
+}
