@@ -34,6 +34,7 @@ class Ledger:
     scenario: str
     injected: str
     vms: dict[tuple[str, str], tuple[LabHost, int]] = field(default_factory=dict)
+    others: dict[tuple[str, str], tuple[LabHost, int]] = field(default_factory=dict)
     targets: set[tuple[str, str]] = field(default_factory=set)
     successes: set[tuple[str, str]] = field(default_factory=set)
     outcome: str = ""
@@ -45,9 +46,6 @@ class Ledger:
         self.vms[(host.name, name)] = (host, pid)
         return pid
 
-    def track(self, host: LabHost, name: str, pid: int) -> None:
-        self.vms[(host.name, name)] = (host, pid)
-
     def target(self, host: str, name: str) -> None:
         self.targets.add((host, name))
 
@@ -55,15 +53,24 @@ class Ledger:
         self.targets.add((host, name))
         self.successes.add((host, name))
 
+    def track(self, host: LabHost, name: str, pid: int) -> None:
+        """A process that is not a VM (checked by PID alone)."""
+        self.others[(host.name, name)] = (host, pid)
+
+    def _alive(self) -> dict[tuple[str, str], bool]:
+        # A VM instance is alive while a VM of that name runs under that cartel: a PID reused
+        # by something else does not keep it alive. One listing per host.
+        running = {
+            name: host.vm_pids() for name, host in {h.name: h for h, _ in self.vms.values()}.items()
+        }
+        alive = {key: running[key[0]].get(key[1]) == pid for key, (_h, pid) in self.vms.items()}
+        alive.update({key: host.pid_alive(pid) for key, (host, pid) in self.others.items()})
+        return alive
+
     def check(self) -> tuple[int, int]:
-        false_successes = sum(
-            1 for key in self.successes if self.vms[key][0].pid_alive(self.vms[key][1])
-        )
-        collateral = sum(
-            1
-            for key, (host, pid) in self.vms.items()
-            if key not in self.targets and not host.pid_alive(pid)
-        )
+        alive = self._alive()
+        false_successes = sum(1 for key in self.successes if alive[key])
+        collateral = sum(1 for key, up in alive.items() if key not in self.targets and not up)
         _ROWS.append(
             {
                 "scenario": self.scenario,
@@ -72,7 +79,7 @@ class Ledger:
                 "seconds": self.seconds,
                 "false_successes": false_successes,
                 "collateral": collateral,
-                "checked": len(self.vms),
+                "checked": len(alive),
             }
         )
         assert false_successes == 0, "a fence reported success while its target still runs"

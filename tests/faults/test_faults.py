@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -226,6 +227,7 @@ def test_host_key_changed(lab: Lab, ledger: Ledger) -> None:
         reply = fence(daemon, "gfs-node2")
         assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
         assert daemon.host_state("esx2") == "down"
+    lab.write_known_hosts()  # the lab's own ssh trusts the new key again, for the check
     ledger.outcome = "refused to connect; status says why; fence failed"
     ledger.check()
 
@@ -276,3 +278,84 @@ def stuck(daemon: LabDaemon, host: str) -> bool:
             age = entry["inventory_age_s"]
             return age is not None and age > 3
     return False
+
+
+@contextlib.contextmanager
+def network_cut(host: LabHost) -> Iterator[None]:
+    """Packets to the host's sshd dropped (not refused): TCP stalls, as when a link goes down."""
+    rule = ["-d", host.address, "-p", "tcp", "--dport", str(host.port), "-j", "DROP"]
+    subprocess.run(["iptables", "-I", "INPUT", *rule], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", "INPUT", *rule], check=True)
+
+
+def test_network_cut_during_a_fence(lab: Lab, ledger: Ledger) -> None:
+    """packets to esx2 dropped while a fence of its VM waits on a frozen VM"""
+    esx2 = lab.hosts["esx2"]
+    ledger.start(esx2, "gfs-node2")
+    ledger.start(lab.hosts["esx1"], "gfs-node1")
+    settings = {"ssh": FAST_KEEPALIVE, "daemon": {"fence_timeout": 3}}
+    with LabDaemon(lab, **settings) as daemon, ThreadPoolExecutor(1) as pool:
+        with frozen(outside_pid(esx2, "gfs-node2")):
+            ledger.target("esx2", "gfs-node2")
+            pending = pool.submit(fence, daemon, "gfs-node2")
+            wait_for(lambda: '"op": "fence"' in daemon.log())
+            with network_cut(esx2):
+                start = time.monotonic()
+                reply = pending.result(timeout=30)
+                ledger.seconds = time.monotonic() - start
+                assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+                wait_for(lambda: daemon.host_state("esx2") == "down")
+            wait_for(lambda: daemon.host_state("esx2") == "up")
+        reply = fence(daemon, "gfs-node1")
+        assert reply["ok"], reply
+        ledger.succeeded("esx1", "gfs-node1")
+    ledger.outcome = "fence_failed; host down while cut, up again after"
+    ledger.check()
+
+
+def test_vm_migrated_between_inventory_and_fence(lab: Lab, ledger: Ledger) -> None:
+    """VM shut off on esx1 and started on esx3 after the inventory"""
+    esx1, esx3 = lab.hosts["esx1"], lab.hosts["esx3"]
+    ledger.start(esx1, "gfs-node1")
+    ledger.start(esx1, "keep1")
+    with LabDaemon(lab) as daemon:
+        esx1.stop_vm("gfs-node1")
+        esx1.unregister_vm("gfs-node1")
+        ledger.target("esx1", "gfs-node1")
+        ledger.start(esx3, "gfs-node1")
+        start = time.monotonic()
+        reply = fence(daemon, "gfs-node1")
+        ledger.seconds = time.monotonic() - start
+        assert reply["ok"] and reply["result"]["host"] == "esx3", reply
+        ledger.succeeded("esx3", "gfs-node1")
+    ledger.outcome = "found and killed on esx3"
+    ledger.check()
+
+
+@pytest.mark.parametrize("intruder", ["another VM", "an unrelated process"])
+def test_cartel_reused(lab: Lab, ledger: Ledger, intruder: str) -> None:
+    """the VM's old cartel ID reused (ns_last_pid) after the inventory"""
+    esx1 = lab.hosts["esx1"]
+    old = ledger.start(esx1, "gfs-node1")
+    with LabDaemon(lab) as daemon:
+        esx1.stop_vm("gfs-node1")
+        ledger.target("esx1", "gfs-node1")
+        esx1.set_next_pid(old)
+        if intruder == "another VM":
+            assert ledger.start(esx1, "gfs-node2") == old
+        else:
+            pid = int(esx1.ssh("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").stdout)
+            assert pid == old
+            ledger.track(esx1, "sleep", pid)
+        start = time.monotonic()
+        reply = fence(daemon, "gfs-node1")
+        ledger.seconds = time.monotonic() - start
+        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
+        assert '"outcome": "not-that-vm"' in daemon.log()
+        ledger.succeeded("esx1", "gfs-node1")
+    ledger.injected = f"the VM's old cartel ID reused by {intruder} (ns_last_pid)"
+    ledger.outcome = "guard refused; already_off; intruder alive"
+    ledger.check()
