@@ -22,6 +22,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from vmfenced.agent_install import install
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
@@ -72,9 +73,13 @@ def main() -> int:
             rows["daemon: fence off, daemon-side (socket request to confirmed death)"] = inside
             rows["daemon: fence off, client round trip over the socket"] = around
 
-            agent = [sys.executable, "-m", "vmfenced.agent"]
+            # As installed for Pacemaker (python3 -m vmfenced.agent_install): no site, -IS.
+            agent = [str(install(Path(tmp) / "fence_vmfenced"))]
             rows["python3 -c pass (interpreter floor)"] = [
                 timed(lambda: run_quiet([sys.executable, "-c", "pass"])) for _ in range(n)
+            ]
+            rows["python3 -IS -c pass (the installed agent's interpreter floor)"] = [
+                timed(lambda: run_quiet([sys.executable, "-IS", "-c", "pass"])) for _ in range(n)
             ]
             rows["fence_vmfenced -o off (new process, as Pacemaker runs it)"] = [
                 timed(partial(run_quiet, agent, f"action=off\nplug={vm}\nsocket={sock}\n"))
