@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vmfenced.agent_install import install
 from vmflab.control import LabError
 from vmflab.daemon import LabDaemon
 from vmflab.lab import Lab
@@ -68,7 +69,9 @@ def fenced(daemon: LabDaemon, host: str, victim: int, pid_alive: PidAlive) -> bo
     """Status and off of node2 through fence_vmfenced, as Pacemaker runs it; True when the
     VM's process is gone afterwards, checked over ssh on its host."""
     sock = str(daemon.socket)
-    agent = [sys.executable, "-m", "vmfenced.agent"]
+    # The agent as installed for Pacemaker (python3 -m vmfenced.agent_install), next to the
+    # daemon's own files.
+    agent = [str(install(daemon.dir / "fence_vmfenced"))]
     _say("vmfencectl status")
     _run([sys.executable, "-m", "vmfenced.ctl", "--socket", sock, "status"])
 
