@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -48,8 +48,17 @@ def outside_pid(host: LabHost, vm: str) -> int:
     raise AssertionError(f"{vm} not running on {host.name}")
 
 
+class Namespaced(Protocol):
+    """A lab host of any kind: its processes are those of its PID namespace."""
+
+    @property
+    def init_pid(self) -> int | None: ...
+
+    def namespace_pids(self) -> list[int]: ...
+
+
 @contextlib.contextmanager
-def stopped(host: LabHost) -> Iterator[list[int]]:
+def stopped(host: Namespaced) -> Iterator[list[int]]:
     """Every process of the host but its reaper stopped: TCP stays open, nothing answers."""
     pids = [pid for pid in host.namespace_pids() if pid != host.init_pid]
     try:
@@ -358,4 +367,29 @@ def test_cartel_reused(lab: Lab, ledger: Ledger, intruder: str) -> None:
         ledger.succeeded("esx1", "gfs-node1")
     ledger.injected = f"the VM's old cartel ID reused by {intruder} (ns_last_pid)"
     ledger.outcome = "guard refused; already_off; intruder alive"
+    ledger.check()
+
+
+def test_host_hung_during_a_fence(lab: Lab, ledger: Ledger) -> None:
+    """every process of esx2 SIGSTOPped while a fence of its VM waits on a frozen VM"""
+    esx2 = lab.hosts["esx2"]
+    ledger.start(esx2, "gfs-node2")
+    ledger.start(lab.hosts["esx1"], "gfs-node1")
+    settings = {"ssh": FAST_KEEPALIVE, "daemon": {"fence_timeout": 3}}
+    with LabDaemon(lab, **settings) as daemon, ThreadPoolExecutor(1) as pool:
+        with frozen(outside_pid(esx2, "gfs-node2")):
+            ledger.target("esx2", "gfs-node2")
+            pending = pool.submit(fence, daemon, "gfs-node2")
+            wait_for(lambda: '"op": "fence"' in daemon.log())
+            with stopped(esx2):
+                start = time.monotonic()
+                reply = pending.result(timeout=30)
+                ledger.seconds = time.monotonic() - start
+                assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+                wait_for(lambda: daemon.host_state("esx2") == "down")
+        wait_for(lambda: daemon.host_state("esx2") == "up")
+        reply = fence(daemon, "gfs-node1")
+        assert reply["ok"], reply
+        ledger.succeeded("esx1", "gfs-node1")
+    ledger.outcome = "fence_failed; down while hung, link back after thaw"
     ledger.check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import select
 import socket
 import time
@@ -158,3 +159,32 @@ def test_idle_and_non_reading_clients_do_not_starve_others(daemon: LabDaemon) ->
             sock.close()
     still_serving(daemon)
     assert rss_kib(daemon.proc.pid) - before < 64 * 1024
+
+
+FUZZ_CODES = {"bad_request", "unknown_op", "too_large", "unknown_vm", "fence_failed"}
+
+
+def test_bounded_random_fuzz(daemon: LabDaemon) -> None:
+    """2,000 seeded random requests (mutated valid ones and raw noise), one connection each."""
+    rng = random.Random(20261124)
+    seeds = [
+        b'{"op":"status"}',
+        b'{"op":"list","id":3}',
+        b'{"op":"vm_status","vm":"node1"}',
+        b'{"op":"fence","vm":"no-such-vm","action":"off"}',
+    ]
+    for _ in range(2000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 6)):
+            kind = rng.randrange(3)
+            at = rng.randrange(len(data) + 1)
+            if kind == 0:
+                data[at:at] = bytes([rng.randrange(256)])
+            elif kind == 1 and data:
+                del data[min(at, len(data) - 1)]
+            else:
+                data[at:at] = rng.choice([b"{", b"}", b'"', b"\\", b"\x00", b"\n", b"[" * 50])
+        for reply in exchange(daemon.socket, bytes(data) + b"\n"):
+            assert reply["ok"] is True or reply["error"]["code"] in FUZZ_CODES, reply
+    still_serving(daemon)
+    assert daemon.request({"op": "vm_status", "vm": "node1"})["result"]["state"] == "on"
