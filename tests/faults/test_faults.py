@@ -300,8 +300,11 @@ def network_cut(host: LabHost) -> Iterator[None]:
         subprocess.run(["iptables", "-D", "INPUT", *rule], check=True)
 
 
-def test_network_cut_during_a_fence(lab: Lab, ledger: Ledger) -> None:
-    """packets to esx2 dropped while a fence of its VM waits on a frozen VM"""
+def fails_while(
+    lab: Lab, ledger: Ledger, fault: Callable[[LabHost], contextlib.AbstractContextManager[object]]
+) -> None:
+    """A fence of esx2's VM is under way (the VM frozen, so its death takes a while) when
+    `fault` strikes esx2: the fence must fail, the host go down, and come back after."""
     esx2 = lab.hosts["esx2"]
     ledger.start(esx2, "gfs-node2")
     ledger.start(lab.hosts["esx1"], "gfs-node1")
@@ -311,18 +314,28 @@ def test_network_cut_during_a_fence(lab: Lab, ledger: Ledger) -> None:
             ledger.target("esx2", "gfs-node2")
             pending = pool.submit(fence, daemon, "gfs-node2")
             wait_for(lambda: '"op": "fence"' in daemon.log())
-            with network_cut(esx2):
+            with fault(esx2):
                 start = time.monotonic()
                 reply = pending.result(timeout=30)
                 ledger.seconds = time.monotonic() - start
                 assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
                 wait_for(lambda: daemon.host_state("esx2") == "down")
-            wait_for(lambda: daemon.host_state("esx2") == "up")
+        wait_for(lambda: daemon.host_state("esx2") == "up")
         reply = fence(daemon, "gfs-node1")
         assert reply["ok"], reply
         ledger.succeeded("esx1", "gfs-node1")
-    ledger.outcome = "fence_failed; host down while cut, up again after"
+    ledger.outcome = "fence_failed; host down meanwhile, up again after"
     ledger.check()
+
+
+def test_network_cut_during_a_fence(lab: Lab, ledger: Ledger) -> None:
+    """packets to esx2 dropped while a fence of its VM waits on a frozen VM"""
+    fails_while(lab, ledger, network_cut)
+
+
+def test_host_hung_during_a_fence(lab: Lab, ledger: Ledger) -> None:
+    """every process of esx2 SIGSTOPped while a fence of its VM waits on a frozen VM"""
+    fails_while(lab, ledger, stopped)
 
 
 def test_vm_migrated_between_inventory_and_fence(lab: Lab, ledger: Ledger) -> None:
@@ -367,29 +380,4 @@ def test_cartel_reused(lab: Lab, ledger: Ledger, intruder: str) -> None:
         ledger.succeeded("esx1", "gfs-node1")
     ledger.injected = f"the VM's old cartel ID reused by {intruder} (ns_last_pid)"
     ledger.outcome = "guard refused; already_off; intruder alive"
-    ledger.check()
-
-
-def test_host_hung_during_a_fence(lab: Lab, ledger: Ledger) -> None:
-    """every process of esx2 SIGSTOPped while a fence of its VM waits on a frozen VM"""
-    esx2 = lab.hosts["esx2"]
-    ledger.start(esx2, "gfs-node2")
-    ledger.start(lab.hosts["esx1"], "gfs-node1")
-    settings = {"ssh": FAST_KEEPALIVE, "daemon": {"fence_timeout": 3}}
-    with LabDaemon(lab, **settings) as daemon, ThreadPoolExecutor(1) as pool:
-        with frozen(outside_pid(esx2, "gfs-node2")):
-            ledger.target("esx2", "gfs-node2")
-            pending = pool.submit(fence, daemon, "gfs-node2")
-            wait_for(lambda: '"op": "fence"' in daemon.log())
-            with stopped(esx2):
-                start = time.monotonic()
-                reply = pending.result(timeout=30)
-                ledger.seconds = time.monotonic() - start
-                assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-                wait_for(lambda: daemon.host_state("esx2") == "down")
-        wait_for(lambda: daemon.host_state("esx2") == "up")
-        reply = fence(daemon, "gfs-node1")
-        assert reply["ok"], reply
-        ledger.succeeded("esx1", "gfs-node1")
-    ledger.outcome = "fence_failed; down while hung, link back after thaw"
     ledger.check()

@@ -66,25 +66,7 @@ BEGIN {
 
 # One process (PID in ARGV[1], .vmx path in ENVIRON["VMF_VMX"]): prints its starttime and exits
 # 10 when it is that VM's vmware-vmx, 11 gone or dead, 12 something else, 13 no verdict.
-_AWK_CHECK = (
-    _AWK_LIB
-    + r"""
-BEGIN {
-  RS = "\0"; p = ARGV[1]
-  if (!vmf_stat(p)) exit 11
-  if (vmf_dead()) exit 11
-  vmf_n = vmf_args(p)
-  if (vmf_n < 0) exit 13
-  if (vmf_n == 0) {
-    if (!vmf_stat(p) || vmf_dead()) exit 11
-    exit 13
-  }
-  if (!vmf_is_vmx() || vmf_vmx() != ENVIRON["VMF_VMX"]) exit 12
-  print S[20]
-  exit 10
-}
-"""
-)
+_AWK_CHECK = procfs.check_awk(_AWK_LIB, 'vmf_is_vmx() && vmf_vmx() == ENVIRON["VMF_VMX"]')
 
 
 def session_setup(_host: HostConfig) -> str:

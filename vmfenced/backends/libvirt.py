@@ -115,25 +115,7 @@ BEGIN {
 
 # One process (PID in ARGV[1], name in ENVIRON["VMF_NAME"]): prints its starttime and exits
 # 10 when it is that domain's qemu, 11 gone or dead, 12 something else, 13 no verdict.
-_AWK_CHECK = (
-    _AWK_LIB
-    + r"""
-BEGIN {
-  RS = "\0"; p = ARGV[1]
-  if (!vmf_stat(p)) exit 11
-  if (vmf_dead()) exit 11
-  vmf_n = vmf_args(p)
-  if (vmf_n < 0) exit 13
-  if (vmf_n == 0) {
-    if (!vmf_stat(p) || vmf_dead()) exit 11
-    exit 13
-  }
-  if (vmf_guest(vmf_opt("-name")) != ENVIRON["VMF_NAME"]) exit 12
-  print S[20]
-  exit 10
-}
-"""
-)
+_AWK_CHECK = procfs.check_awk(_AWK_LIB, 'vmf_guest(vmf_opt("-name")) == ENVIRON["VMF_NAME"]')
 
 
 def session_setup(host: HostConfig) -> str:

@@ -92,3 +92,30 @@ else
     *) printf '%s\\n' "$vmf_o"; echo vmf:error;;
   esac
 fi"""
+
+
+def check_awk(lib: str, is_vm: str) -> str:
+    """The awk program that judges one process (PID in ARGV[1]): it prints the starttime and
+    exits 10 when `is_vm` (an awk expression over A[]) holds, 11 when the process is gone or
+    dead, 12 when it is something else, 13 when there is no verdict (unreadable argv)."""
+    return (
+        lib
+        + r"""
+BEGIN {
+  RS = "\0"; p = ARGV[1]
+  if (!vmf_stat(p)) exit 11
+  if (vmf_dead()) exit 11
+  vmf_n = vmf_args(p)
+  if (vmf_n < 0) exit 13
+  if (vmf_n == 0) {
+    if (!vmf_stat(p) || vmf_dead()) exit 11
+    exit 13
+  }
+  if (!("""
+        + is_vm
+        + r""")) exit 12
+  print S[20]
+  exit 10
+}
+"""
+    )
