@@ -63,8 +63,11 @@ class InventoryService:
     async def refresh(self, host: Host) -> None:
         timeout = INVENTORY_TIMEOUT
         lane = host.inventory
-        if lane.state is LinkState.CONNECTING:
-            await lane.wait_settled(timeout)
+        # Both lanes' first attempts end before the first round does: READY=1 and the first
+        # round trip then describe the host, not a lane still connecting.
+        for first in (lane, host.fence):
+            if first.state is LinkState.CONNECTING:
+                await first.wait_settled(timeout)
         if host.fence.state is LinkState.UP:
             try:
                 await host.probe(5)
