@@ -104,21 +104,9 @@ def _unique(command: str, vms: list[RunningVM]) -> tuple[RunningVM, ...]:
 
 def parse_proc_listing(text: str) -> tuple[RunningVM, ...]:
     """`vmf:vm PID PATH` lines ended by `vmf:end`; anything else is an error."""
-    vms = []
-    ended = False
-    for number, line in enumerate(text.splitlines(), 1):
-        if ended:
-            raise ParseError("esx-classic listing", f"line {number} after the end: {line[:200]!r}")
-        if line == "vmf:end":
-            ended = True
-            continue
-        match = _VM_LINE.match(line)
-        if match is None:
-            raise ParseError("esx-classic listing", f"line {number} not understood: {line[:200]!r}")
-        vms.append(_running(int(match["pid"]), match["vmx"]))
-    if not ended:
-        raise ParseError("esx-classic listing", "incomplete answer (no vmf:end)")
-    return _unique("esx-classic listing", vms)
+    what = "esx-classic listing"
+    vms = [_running(int(m["pid"]), m["vmx"]) for m in procfs.marked_lines(text, what, _VM_LINE)]
+    return _unique(what, vms)
 
 
 def parse_ps(text: str) -> tuple[RunningVM, ...]:

@@ -167,27 +167,15 @@ vmf_vl"""
 
 def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
     """`vmf:vm PID UUID NAME` lines ended by `vmf:end`; anything else is an error."""
-    vms = []
-    ended = False
-    for number, line in enumerate(text.splitlines(), 1):
-        if ended:
-            raise ParseError("libvirt listing", f"line {number} after the end: {line[:200]!r}")
-        if line == "vmf:end":
-            ended = True
-            continue
-        match = _VM_LINE.match(line)
-        if match is None:
-            raise ParseError("libvirt listing", f"line {number} not understood: {line[:200]!r}")
-        vms.append(
-            RunningVM(
-                name=match["name"],
-                config_file=f"{RUN_DIR}/{match['name']}.pid",
-                cartel=int(match["pid"]),
-                uuid=None if match["uuid"] == "-" else match["uuid"].lower(),
-            )
+    vms = [
+        RunningVM(
+            name=match["name"],
+            config_file=f"{RUN_DIR}/{match['name']}.pid",
+            cartel=int(match["pid"]),
+            uuid=None if match["uuid"] == "-" else match["uuid"].lower(),
         )
-    if not ended:
-        raise ParseError("libvirt listing", "incomplete answer (no vmf:end)")
+        for match in procfs.marked_lines(text, "libvirt listing", _VM_LINE)
+    ]
     names = [vm.name for vm in vms]
     if len(set(names)) != len(names):
         raise ParseError("libvirt listing", "a domain is listed twice")

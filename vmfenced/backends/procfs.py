@@ -8,7 +8,10 @@ leader with threads still in the kernel may still have I/O in flight).
 
 from __future__ import annotations
 
+import re
 import shlex
+
+from vmfenced.errors import ParseError
 
 # Builtin checks of a killed PID before the host-side wait starts paying for `sleep`.
 SPIN = 200
@@ -119,3 +122,25 @@ BEGIN {
 }
 """
     )
+
+
+def marked_lines(text: str, what: str, line: re.Pattern[str]) -> list[re.Match[str]]:
+    """The `vmf:vm ...` lines of a listing script, which must end with `vmf:end`.
+
+    Strict: a line we cannot read, or an answer cut short, could hide a running VM.
+    """
+    matches = []
+    ended = False
+    for number, raw in enumerate(text.splitlines(), 1):
+        if ended:
+            raise ParseError(what, f"line {number} after the end: {raw[:200]!r}")
+        if raw == "vmf:end":
+            ended = True
+            continue
+        match = line.match(raw)
+        if match is None:
+            raise ParseError(what, f"line {number} not understood: {raw[:200]!r}")
+        matches.append(match)
+    if not ended:
+        raise ParseError(what, "incomplete answer (no vmf:end)")
+    return matches
