@@ -29,6 +29,16 @@ MAX_OUTPUT = 16 * 1024 * 1024
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 1.5
 RECONNECT_GRACE = 1.0
+# AES-GCM first: one AEAD call per packet, where asyncssh's chacha20-poly1305 costs about
+# 0.1 ms more per round trip here; ESXi's sshd offers GCM too. No CBC, 3DES or arcfour.
+CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +163,7 @@ class Lane:
             config=None,
             agent_path=None,
             preferred_auth="publickey",
+            encryption_algs=list(CIPHERS),
         )
 
     async def _open(self) -> None:

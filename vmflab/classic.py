@@ -17,7 +17,7 @@ from vmflab.control import LabError
 from vmflab.host import START_TIMEOUT_S, LabHost, RunningVm
 
 CLASSIC_SHIMS_DIR = Path(__file__).resolve().parent / "shims_classic"
-ESXI_ONLY_SHIMS = ("ps", "vmdumper", "esxcli", "vim-cmd")
+ESXI_ONLY_SHIMS = ("ps", "vmdumper", "esxcli", "vim-cmd", "awk")
 
 
 class EsxClassicHost(LabHost):

@@ -25,6 +25,7 @@ from vmflab.vmfs import HostFiles
 USERNAME = "vmflab"
 PACKAGE_DIR = Path(__file__).resolve().parent
 VMX_SOURCE = PACKAGE_DIR / "vmx.c"
+WORLDS_SOURCE = PACKAGE_DIR / "worlds.c"
 SHIMS_DIR = PACKAGE_DIR / "shims"
 HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 USERADD_LOCKED = 10  # useradd: cannot lock /etc/passwd (someone else is adding a user)
@@ -78,8 +79,13 @@ def ensure_user(name: str = USERNAME) -> pwd.struct_passwd:
 
 def build_vmx(cache_dir: Path) -> Path:
     """Compiles vmx.c once per source version into the cache (shared by every lab)."""
-    source = VMX_SOURCE.read_bytes()
-    target = cache_dir / f"vmx-{hashlib.sha256(source).hexdigest()[:16]}"
+    return build_c(VMX_SOURCE, cache_dir)
+
+
+def build_c(source_path: Path, cache_dir: Path) -> Path:
+    """Compiles one of the lab's C programs once per source version into the cache."""
+    source = source_path.read_bytes()
+    target = cache_dir / f"{source_path.stem}-{hashlib.sha256(source).hexdigest()[:16]}"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +94,7 @@ def build_vmx(cache_dir: Path) -> Path:
     # Static: no dynamic loader, so each VM process costs almost no memory.
     for flags in (["-static"], []):
         result = subprocess.run(
-            ["gcc", "-O2", "-s", *flags, "-o", str(tmp), str(VMX_SOURCE)],
+            ["gcc", "-O2", "-s", *flags, "-o", str(tmp), str(source_path)],
             capture_output=True,
             text=True,
             check=False,
@@ -97,7 +103,7 @@ def build_vmx(cache_dir: Path) -> Path:
             tmp.replace(target)
             return target
         errors.append(result.stderr.strip())
-    raise LabError("cannot compile vmx.c: " + "\n".join(errors))
+    raise LabError(f"cannot compile {source_path.name}: " + "\n".join(errors))
 
 
 def free_port(address: str) -> int:
@@ -150,6 +156,7 @@ class Lab:
         self._accel = accel
         self._cache_dir = cache_dir or default_cache_dir()
         self._vmx: Path | None = None
+        self._worlds: Path | None = None
         self._uid = -1
         self._gid = -1
         self._rng = random.SystemRandom()
@@ -204,6 +211,7 @@ class Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "hosts").mkdir(exist_ok=True)
         self._vmx = build_vmx(self._cache_dir)
+        self._worlds = build_c(WORLDS_SOURCE, self._cache_dir)
 
     def _keygen(self, files: list[HostFiles], *, client: bool) -> None:
         procs = [f.host_keygen() for f in files]
@@ -231,6 +239,7 @@ class Lab:
         for host_files in files:
             host_files.prepare(
                 vmx_binary=self._require_vmx(),
+                worlds_binary=self._require_worlds(),
                 shims=SHIMS_DIR,
                 client_public_key=self.client_key.with_name(self.client_key.name + ".pub"),
             )
@@ -239,6 +248,11 @@ class Lab:
         if self._vmx is None:
             raise LabError("lab not started")
         return self._vmx
+
+    def _require_worlds(self) -> Path:
+        if self._worlds is None:
+            raise LabError("lab not started")
+        return self._worlds
 
     def _new_address(self) -> str:
         used = {host.address for host in self._all_hosts()}

@@ -103,7 +103,9 @@ class HostFiles:
         self._uid = uid
         self._gid = gid
 
-    def prepare(self, *, vmx_binary: Path, shims: Path, client_public_key: Path) -> None:
+    def prepare(
+        self, *, vmx_binary: Path, worlds_binary: Path, shims: Path, client_public_key: Path
+    ) -> None:
         """Creates the host's tree; the lab user may write only the run directory."""
         for directory in (self.root, self.vmfs, self.lab, self.bin, self.run, self.volumes):
             directory.mkdir(mode=0o755, exist_ok=True)
@@ -115,11 +117,23 @@ class HostFiles:
                 shutil.copyfile(shim, self.bin / shim.name)
                 executable = shim.stat().st_mode & 0o111
                 (self.bin / shim.name).chmod(0o755 if executable else 0o644)
-        try:
-            os.link(vmx_binary, self.bin / "vmx")
-        except OSError:
-            shutil.copyfile(vmx_binary, self.bin / "vmx")
-        (self.bin / "vmx").chmod(0o755)
+        # ESXi's shell tools are busybox applets: its awk, not gawk, runs the daemon's programs.
+        busybox = shutil.which("busybox")
+        if busybox is None:
+            raise LabError("no busybox: ESXi lab hosts use its awk (apt-get install busybox)")
+        (self.bin / "awk").unlink(missing_ok=True)
+        (self.bin / "awk").symlink_to(busybox)
+        # worlds.c answers as ps or vmdumper by the name it is called by, as busybox applets do.
+        for binary, name in (
+            (vmx_binary, "vmx"),
+            (worlds_binary, "ps"),
+            (worlds_binary, "vmdumper"),
+        ):
+            try:
+                os.link(binary, self.bin / name)
+            except OSError:
+                shutil.copyfile(binary, self.bin / name)
+            (self.bin / name).chmod(0o755)
         shutil.copyfile(client_public_key, self.authorized_keys)
         self.authorized_keys.chmod(0o644)
         if not self.ctl.exists():
