@@ -97,7 +97,7 @@ class Daemon:
             self.map,
             dict(config.aliases),
             config.daemon.fence_timeout,
-            self.hostset.request,
+            self.hostset.request_running,
         )
         self.metrics = Metrics(self.hosts, self.map, lambda: len(self.fencer.inflight()))
         self._metrics_server: MetricsServer | None = None

@@ -79,11 +79,15 @@ class HostSet:
     def is_active(self, host: Host) -> bool:
         return self.hosts.get(host.name) is host
 
-    def request(self, name: str) -> None:
+    def request(self, name: str, *, full: bool = True) -> None:
         """Refresh that host's inventory soon; a name no longer configured is ignored."""
         inventory = self._inventories.get(name)
         if inventory is not None:
-            inventory.request(name)
+            inventory.request(name, full=full)
+
+    def request_running(self, name: str) -> None:
+        """After a fence: list that host's running VMs again, not its registrations."""
+        self.request(name, full=False)
 
     async def first_round(self, timeout: float) -> bool:
         """True once every host had one inventory attempt (for READY)."""

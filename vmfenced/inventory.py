@@ -1,4 +1,9 @@
-"""Keeps the live map fresh: every host listed every interval, at link-up and after every fence."""
+"""Keeps the live map fresh: every host listed every interval, at link-up and after every fence.
+
+After a fence only the running VMs are listed again (a native, millisecond command): the
+registration listing goes through hostd (slow, seconds on a busy host) and a kill does not change
+it, so it waits for the interval or a link-up.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class InventoryService:
         self._interval = interval
         self._wake = {name: asyncio.Event() for name in hosts}
         self._first = {name: asyncio.Event() for name in hosts}
+        self._full = dict.fromkeys(hosts, True)
         self._log = structlog.get_logger("vmfenced.inventory")
 
     def start(self, spawn: Spawn) -> None:
@@ -32,10 +38,11 @@ class InventoryService:
         """Read by each loop before its next wait: a reload's new interval applies from then."""
         self._interval = seconds
 
-    def request(self, host: str) -> None:
-        """Refresh that host soon (after a fence, at link-up); never waits."""
+    def request(self, host: str, *, full: bool = True) -> None:
+        """Refresh that host soon (after a fence: full=False, at link-up); never waits."""
         event = self._wake.get(host)
         if event is not None:
+            self._full[host] |= full
             event.set()
 
     async def first_round(self, timeout: float) -> bool:
@@ -52,15 +59,16 @@ class InventoryService:
         wake = self._wake[host.name]
         while True:
             wake.clear()
-            await self.refresh(host)
+            full, self._full[host.name] = self._full[host.name], False
+            await self.refresh(host, full=full)
             self._first[host.name].set()
             try:
                 async with asyncio.timeout(self._interval):
                     await wake.wait()
             except TimeoutError:
-                pass
+                self._full[host.name] = True
 
-    async def refresh(self, host: Host) -> None:
+    async def refresh(self, host: Host, *, full: bool = True) -> None:
         timeout = INVENTORY_TIMEOUT
         lane = host.inventory
         # Both lanes' first attempts end before the first round does: READY=1 and the first
@@ -68,7 +76,7 @@ class InventoryService:
         for first in (lane, host.fence):
             if first.state is LinkState.CONNECTING:
                 await first.wait_settled(timeout)
-        if host.fence.state is LinkState.UP:
+        if full and host.fence.state is LinkState.UP:
             try:
                 await host.probe(5)
             except LinkError as exc:
@@ -83,6 +91,8 @@ class InventoryService:
             return
         # The slow registration listing must not hold back the running-VM map.
         self._map.update_running(host.name, running, started)
+        if not full:
+            return
         try:
             registered = await host.list_registered(timeout)
         except LinkError as exc:
