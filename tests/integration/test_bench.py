@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,21 @@ def test_virsh_bench_quick() -> None:
     for row in ("fence_virsh -o off", "fence_vmfenced -o off", "fence_virsh -o status"):
         assert f"| {row} | 3 |" in done.stdout, done.stdout
     assert "| fence_virsh -o off / fence_vmfenced -o off |" in done.stdout
+
+
+def test_profile_bench_quick() -> None:
+    reason = lab_unavailable() or (None if shutil.which("py-spy") else "no py-spy (.[bench])")
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "profile.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## Fence path: 6 fences" in done.stdout
+    assert "## Inventory path:" in done.stdout
