@@ -52,9 +52,11 @@ class EsxClassicHost(LabHost):
             raise LabError(f"cannot give PID {pid} to the next VM: {answer}", host=self.name)
         self._next_pid = pid
 
-    def start_vm(self, name: str, *, world_offset: int = 1) -> int:
+    def start_vm(self, name: str, *, world_offset: int = 1, busy: bool = False) -> int:
         """Starts the VM's vmware-vmx over ssh (creating the .vmx if needed); returns its PID."""
         del world_offset  # ESX 3 has no worlds separate from the process
+        if busy:
+            raise LabError("busy VMs exist on ESXi lab hosts only", host=self.name)
         path = self._vms.get(name) or self.create_vm(name)
         pid, self._next_pid = self._next_pid, None
         command = f"vmflab-classic start {shlex.quote(path)}" + (f" {pid}" if pid else "")

@@ -252,12 +252,16 @@ class LabHost:
             self._vms[name] = path
             return path
 
-    def start_vm(self, name: str, *, world_offset: int = 1) -> int:
-        """Powers the VM on over ssh (creating it if needed); returns its cartel ID."""
+    def start_vm(self, name: str, *, world_offset: int = 1, busy: bool = False) -> int:
+        """Powers the VM on over ssh (creating it if needed); returns its cartel ID.
+
+        ``busy``: the VM's process spins on a CPU until killed instead of sleeping (load).
+        """
         if not 0 <= world_offset <= MAX_WORLD_OFFSET:
             raise LabError(f"world_offset {world_offset} outside 0..{MAX_WORLD_OFFSET}")
         path = self._vms.get(name) or self.create_vm(name)
-        result = self.ssh(f"vmflab-vm start {shlex.quote(path)} {world_offset}")
+        mode = " busy" if busy else ""
+        result = self.ssh(f"vmflab-vm start {shlex.quote(path)} {world_offset}{mode}")
         text = result.stdout.strip()
         if not text.isdigit():
             raise LabError(f"vmflab-vm start printed {text!r} for {name!r}", host=self.name)

@@ -1,16 +1,19 @@
 /*
  * vmx: the lab's stand-in for ESXi's /bin/vmx, one process per running VM.
  *
- * It accepts any arguments and pauses forever. Started by the lab's vmflab-vm shim:
+ * It accepts any arguments and pauses forever, or with VMFLAB_BUSY=1 spins on a CPU forever
+ * (a loaded guest, for benchmarks under load; still killed by any fatal signal).
+ * Started by the lab's vmflab-vm shim:
  *   stage 1 (argv[0] is not "/bin/vmx"): leave the session, record the VM's run file
  *           (world ID and identity keyed by this PID, which is the VM's cartel ID), then
  *           re-exec itself as "/bin/vmx ..." so the process table shows the ESXi command line.
  *           The run file is written first so that whoever sees a "/bin/vmx" process can
  *           always find its world ID.
  *   stage 2 (argv[0] is "/bin/vmx"): point stdio at /dev/null, which closes the readiness
- *           pipe the shim waits on, and pause.
+ *           pipe the shim waits on, and pause (or spin).
  *
- * Environment for stage 1 (all optional): VMFLAB_RUNDIR, VMFLAB_WORLD_OFFSET, VMFLAB_INFO.
+ * Environment for stage 1 (all optional): VMFLAB_RUNDIR, VMFLAB_WORLD_OFFSET, VMFLAB_INFO,
+ * VMFLAB_BUSY (stage 1 passes it on to stage 2 only when it is exactly "1").
  */
 #include <fcntl.h>
 #include <signal.h>
@@ -21,6 +24,10 @@
 #include <unistd.h>
 
 #define VMX_ARGV0 "/bin/vmx"
+#define BUSY_VAR "VMFLAB_BUSY"
+
+/* volatile: the compiler must keep the busy loop's work, not fold it into an idle spin. */
+static volatile unsigned long spins;
 
 static int write_run_file(void)
 {
@@ -55,6 +62,8 @@ static int write_run_file(void)
 int main(int argc, char **argv)
 {
 	int null_fd;
+	int busy;
+	const char *busy_text;
 
 	(void)argc;
 	if (argv[0] == NULL || strcmp(argv[0], VMX_ARGV0) != 0) {
@@ -65,10 +74,16 @@ int main(int argc, char **argv)
 		unsetenv("VMFLAB_RUNDIR");
 		unsetenv("VMFLAB_INFO");
 		unsetenv("VMFLAB_WORLD_OFFSET");
+		busy_text = getenv(BUSY_VAR);
+		if (busy_text != NULL && strcmp(busy_text, "1") != 0)
+			unsetenv(BUSY_VAR);
 		argv[0] = VMX_ARGV0;
 		execv("/proc/self/exe", argv);
 		return 71;
 	}
+	busy_text = getenv(BUSY_VAR);
+	busy = busy_text != NULL && strcmp(busy_text, "1") == 0;
+	unsetenv(BUSY_VAR);
 	(void)prctl(PR_SET_NAME, "vmx", 0, 0, 0);
 	signal(SIGHUP, SIG_IGN);
 	signal(SIGPIPE, SIG_IGN);
@@ -80,6 +95,9 @@ int main(int argc, char **argv)
 	dup2(null_fd, 2);
 	if (null_fd > 2)
 		close(null_fd);
+	if (busy)
+		for (;;)
+			spins++;
 	for (;;)
 		pause();
 }
