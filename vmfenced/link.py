@@ -27,7 +27,8 @@ from vmfenced.model import LinkState
 
 MAX_OUTPUT = 16 * 1024 * 1024
 BACKOFF_FIRST = 0.1
-BACKOFF_CAP = 1.5
+# A host back from a reboot is reconnected within about a second.
+BACKOFF_CAP = 1.0
 RECONNECT_GRACE = 1.0
 # AES-GCM first: one AEAD call per packet, where asyncssh's chacha20-poly1305 costs about
 # 0.1 ms more per round trip here; ESXi's sshd offers GCM too. No CBC, 3DES or arcfour.
