@@ -76,7 +76,7 @@ def test_an_ssh_default_replaces_every_host_it_reaches(keys: dict[Path, asyncssh
         hosts=[
             {"name": "esx1", "address": "192.0.2.11"},
             {"name": "esx2", "address": "192.0.2.12"},
-            {"name": "esx3", "address": "192.0.2.13", "keepalive_interval": 1},
+            {"name": "esx3", "address": "192.0.2.13", "keepalive_interval": 0.5},
         ],
     )
     result = plan(config(), keys, new, keys, "f")
