@@ -11,8 +11,6 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import BinaryIO, TextIO
 
 from vmfenced import __version__
 from vmfenced.agent_metadata import metadata_xml, usage_text
@@ -28,6 +26,13 @@ from vmfenced.agent_options import (
 )
 from vmfenced.client import Client, ClientError, DaemonError, FenceResult, ProtocolViolation
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it
+    from collections.abc import Callable, Sequence
+    from typing import BinaryIO, TextIO
+
+    Sleep = Callable[[float], None]
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_STATUS_OFF = 2
@@ -39,8 +44,6 @@ GOOD_OUTCOMES = {
     "on": frozenset({"powered_on", "already_on"}),
     "reboot": frozenset({"rebooted", "off_only"}),
 }
-
-Sleep = Callable[[float], None]
 
 
 class Reporter:
@@ -84,7 +87,16 @@ def _fence(client: Client, opts: Options, rep: Reporter, action: str) -> FenceRe
         warning = f"{exc.message}: taken as OFF (missing_as_off)"
         rep.warn(warning)
         outcome = "already_off" if action == "off" else "off_only"
-        return FenceResult(opts.plug, action, outcome, None, None, None, False, warning)
+        return FenceResult(
+            vm=opts.plug,
+            action=action,
+            outcome=outcome,
+            host=None,
+            cartel=None,
+            elapsed_ms=None,
+            joined=False,
+            warning=warning,
+        )
     rep.debug(f"reply: {result}")
     if result.action != action or result.outcome not in GOOD_OUTCOMES[action]:
         raise ProtocolViolation(f"fence {action} answered {result.action}/{result.outcome}")

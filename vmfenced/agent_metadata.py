@@ -6,9 +6,12 @@ the agent declares and what it accepts cannot drift apart. Standard library only
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from vmfenced.client import DEFAULT_SOCKET
+from vmfenced.client_records import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it
+    from typing import Final
 
 AGENT_NAME = "fence_vmfenced"
 # Order matters to Pacemaker only for `on`, which must carry `automatic`.
@@ -35,18 +38,43 @@ LONGDESC = (
 VENDOR_URL = "https://github.com/ClusterLabs/fence-agents"
 
 
-class Param(NamedTuple):
+class Param(Record):
     """One agent parameter: its stdin key is `name`, its long option `--name` with `-`."""
 
-    name: str
-    kind: str  # the metadata content type: string, second, integer or boolean
-    shortdesc: str
-    short: str | None = None
-    value_name: str = ""
-    default: str | None = None
-    required: bool = False
-    deprecated: bool = False
-    obsoletes: str | None = None
+    __slots__ = _fields = (
+        "name",
+        "kind",
+        "shortdesc",
+        "short",
+        "value_name",
+        "default",
+        "required",
+        "deprecated",
+        "obsoletes",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        shortdesc: str,
+        short: str | None = None,
+        value_name: str = "",
+        *,
+        default: str | None = None,
+        required: bool = False,
+        deprecated: bool = False,
+        obsoletes: str | None = None,
+    ) -> None:
+        self.name: Final = name
+        self.kind: Final = kind  # the metadata content type: string, second, integer or boolean
+        self.shortdesc: Final = shortdesc
+        self.short: Final = short
+        self.value_name: Final = value_name
+        self.default: Final = default
+        self.required: Final = required
+        self.deprecated: Final = deprecated
+        self.obsoletes: Final = obsoletes
 
     @property
     def long_option(self) -> str:

@@ -6,11 +6,15 @@ Nothing here talks to the daemon; a problem found here means nothing is sent. St
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import NamedTuple
 
 from vmfenced.agent_metadata import ACTIONS, PARAMS, Param
 from vmfenced.client import vm_name_problem
+from vmfenced.client_records import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it
+    from collections.abc import Sequence
+    from typing import Final
 
 MAX_STDIN_BYTES = 1024 * 1024
 MAX_NUMBER = 86400  # one day in seconds; also bounds retry_on
@@ -33,17 +37,44 @@ class UsageError(Exception):
     """The input cannot be understood; nothing is sent to the daemon."""
 
 
-class Options(NamedTuple):
-    action: str
-    plug: str | None
-    socket: str
-    delay: float
-    power_timeout: float
-    power_wait: float
-    retry_on: int
-    missing_as_off: bool
-    verbose: bool
-    debug_file: str | None
+class Options(Record):
+    __slots__ = _fields = (
+        "action",
+        "plug",
+        "socket",
+        "delay",
+        "power_timeout",
+        "power_wait",
+        "retry_on",
+        "missing_as_off",
+        "verbose",
+        "debug_file",
+    )
+
+    def __init__(
+        self,
+        *,
+        action: str,
+        plug: str | None,
+        socket: str,
+        delay: float,
+        power_timeout: float,
+        power_wait: float,
+        retry_on: int,
+        missing_as_off: bool,
+        verbose: bool,
+        debug_file: str | None,
+    ) -> None:
+        self.action: Final = action
+        self.plug: Final = plug
+        self.socket: Final = socket
+        self.delay: Final = delay
+        self.power_timeout: Final = power_timeout
+        self.power_wait: Final = power_wait
+        self.retry_on: Final = retry_on
+        self.missing_as_off: Final = missing_as_off
+        self.verbose: Final = verbose
+        self.debug_file: Final = debug_file
 
 
 def one_line(text: str, limit: int = 400) -> str:

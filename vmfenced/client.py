@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from types import TracebackType
 
 from vmfenced.client_errors import (
     ClientError,
@@ -19,7 +18,7 @@ from vmfenced.client_errors import (
     JsonObject,
     ProtocolViolation,
 )
-from vmfenced.replies import (
+from vmfenced.client_records import (
     DaemonInfo,
     FenceResult,
     HistoryEntry,
@@ -29,6 +28,8 @@ from vmfenced.replies import (
     StatusResult,
     VmInfo,
     VmState,
+)
+from vmfenced.replies import (
     parse_fence,
     parse_history,
     parse_list,
@@ -37,6 +38,10 @@ from vmfenced.replies import (
     parse_status,
     parse_vm_status,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # only mypy needs it: the clients import only what they run
+    from types import TracebackType
 
 # The errors and result types are part of this module's interface for the agent and ctl.
 __all__ = [

@@ -21,9 +21,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import NoReturn, TextIO
 
 from vmfenced import __version__
 from vmfenced.client import (
@@ -44,6 +42,13 @@ from vmfenced.client import (
     vm_name_problem,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing would cost every vmfencectl call its import time; only mypy needs it
+    from collections.abc import Callable, Sequence
+    from typing import NoReturn, TextIO
+
+    Clock = Callable[[], float]
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -53,8 +58,6 @@ RELOAD_TIMEOUT_S = 120.0
 MAX_HISTORY = 10_000
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-
-Clock = Callable[[], float]
 
 
 class UsageError(Exception):

@@ -1,4 +1,4 @@
-"""Typed results of the socket protocol (docs/protocol.md), parsed strictly: standard library only.
+"""Results of the socket protocol (docs/protocol.md) parsed strictly into client_records' types.
 
 A reply that does not have the documented shape is a ProtocolViolation, never a guess.
 """
@@ -6,65 +6,25 @@ A reply that does not have the documented shape is a ProtocolViolation, never a 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, TypeVar
 
 from vmfenced.client_errors import JsonObject, ProtocolViolation
+from vmfenced.client_records import (
+    DaemonInfo,
+    FenceResult,
+    HistoryEntry,
+    HistoryResult,
+    HostInfo,
+    ReloadResult,
+    StatusResult,
+    VmInfo,
+    VmState,
+)
 
-_T = TypeVar("_T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it
+    from typing import TypeVar
 
-
-class DaemonInfo(NamedTuple):
-    version: str
-    pid: int
-    uptime_s: float
-
-
-class HostInfo(NamedTuple):
-    name: str
-    address: str
-    port: int
-    kind: str
-    state: str
-    since: float | None
-    reason: str | None
-    rtt_ms: float | None
-    inventory_age_s: float | None
-    vm_count: int
-    # Address the fence lane reaches now (a fallback when the primary is unreachable).
-    fence_address: str | None = None
-    inventory_address: str | None = None
-
-
-class VmInfo(NamedTuple):
-    name: str
-    alias: str | None
-    host: str | None
-    state: str
-    cartel: int | None
-
-
-class StatusResult(NamedTuple):
-    daemon: DaemonInfo
-    hosts: tuple[HostInfo, ...]
-    vms: tuple[VmInfo, ...]
-
-
-class VmState(NamedTuple):
-    vm: str
-    state: str
-    host: str | None
-    cartel: int | None
-
-
-class FenceResult(NamedTuple):
-    vm: str
-    action: str
-    outcome: str
-    host: str | None
-    cartel: int | None
-    elapsed_ms: float | None
-    joined: bool
-    warning: str | None = None
+    _T = TypeVar("_T")
 
 
 def _get(obj: JsonObject, key: str, kind: type[_T], where: str) -> _T:
@@ -174,39 +134,6 @@ def parse_vm_status(result: JsonObject) -> VmState:
         host=_opt_str(result, "host", "vm_status"),
         cartel=_opt_int(result, "cartel", "vm_status"),
     )
-
-
-class ReloadResult(NamedTuple):
-    changed: bool
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    replaced: tuple[str, ...]
-    unchanged: tuple[str, ...]
-    settings: tuple[str, ...]
-    elapsed_ms: float | None
-
-
-class HistoryEntry(NamedTuple):
-    t: float
-    vm: str
-    target: str
-    action: str
-    result: str
-    ok: bool
-    host: str | None
-    cartel: int | None
-    reason: str | None
-    joined: bool
-    elapsed_ms: float | None
-    total_ms: float | None
-    peer_uid: int | None
-    peer_pid: int | None
-
-
-class HistoryResult(NamedTuple):
-    entries: tuple[HistoryEntry, ...]
-    skipped: int
-    journal: str | None
 
 
 def _names(obj: JsonObject, key: str, where: str) -> tuple[str, ...]:

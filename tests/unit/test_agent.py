@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakedaemon import (
+    HEAVY,
     Close,
     Err,
     FakeDaemon,
@@ -28,9 +29,13 @@ from tests.fakedaemon import (
 )
 from vmfenced import __version__
 from vmfenced.agent import run
+from vmfenced.agent_install import install
 from vmfenced.agent_metadata import metadata_xml
 
 RNG = Path("/usr/share/cluster/relaxng/metadata.rng")
+# Never loaded by the agent as installed: each costs every Pacemaker call milliseconds
+# (typing pulls contextlib in). collections and types stay: json, re and socket load them.
+AGENT_NEVER_IMPORTS = HEAVY | {"typing", "contextlib", "dataclasses"}
 
 
 @pytest.fixture
@@ -422,3 +427,20 @@ def test_agent_process_imports_only_the_standard_library(daemon: FakeDaemon, std
     )
     assert code == 0, stderr[-2000:]
     assert_stdlib_only(names)
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [b"action=metadata\n", b"action=status\nplug=node1\n", b"action=off\nplug=node1\n"],
+)
+def test_installed_agent_loads_no_typing(daemon: FakeDaemon, tmp_path: Path, stdin: bytes) -> None:
+    daemon.set("vm_status", Ok(vm_status_result()))
+    daemon.set("fence", Ok(fence_result("off")))
+    wrapper = install(tmp_path / "fence_vmfenced")
+    # The wrapper's own interpreter flags, as its shebang line gives them: no site, isolated.
+    code, stderr, names = imported_modules(
+        ["-IS", str(wrapper)], stdin + f"socket={daemon.path}\n".encode()
+    )
+    assert code == 0, stderr[-2000:]
+    assert {"vmfenced", "json", "socket"} <= names
+    assert not names & AGENT_NEVER_IMPORTS, sorted(names & AGENT_NEVER_IMPORTS)

@@ -26,6 +26,7 @@ from vmfenced.client import (
     DaemonTimeout,
     DaemonUnreachable,
     ProtocolViolation,
+    VmState,
     parse_fence,
     parse_status,
     parse_vm_status,
@@ -209,6 +210,16 @@ def test_fence_result_fields_are_typed() -> None:
     with pytest.raises(ProtocolViolation, match="finite"):
         parse_fence(fence_result(elapsed_ms=float("inf")))
     assert parse_fence({**fence_result(), "joined": None}).joined is False
+
+
+def test_results_are_values_compared_by_type_and_fields() -> None:
+    state = parse_vm_status(vm_status_result())
+    same = VmState(vm="gfs-node1", state="on", host="esx1", cartel=68761)
+    assert (state, hash(state)) == (same, hash(same))
+    assert state != VmState(vm="gfs-node1", state="off", host="esx1", cartel=68761)
+    assert state != ("gfs-node1", "on", "esx1", 68761)
+    assert repr(state) == "VmState(vm='gfs-node1', state='on', host='esx1', cartel=68761)"
+    assert len({state, same}) == 1
 
 
 def test_status_parsing_accepts_the_documented_shape_and_new_keys() -> None:
