@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import structlog
@@ -13,6 +14,10 @@ from vmfenced.model import HostInventory, LinkState, VMMap
 
 # esxcli and vim-cmd go through hostd: seconds on a busy host, never on the fence path.
 INVENTORY_TIMEOUT = 60.0
+# Fractions of the interval drawn off the wait after a host's first round (its phase), and
+# off every later wait (keeps the phases apart when something lined them up again).
+FIRST_SPREAD = 0.5
+JITTER = 0.1
 
 
 class InventoryService:
@@ -50,12 +55,18 @@ class InventoryService:
 
     async def _loop(self, host: Host) -> None:
         wake = self._wake[host.name]
+        spread = FIRST_SPREAD
         while True:
             wake.clear()
             await self.refresh(host)
             self._first[host.name].set()
+            # Hosts started together would list together every interval for ever: one burst
+            # of N listings to parse at once (fences queue behind it) instead of a trickle.
+            # Shorter waits only, so no host is listed less often than every interval.
+            wait = self._interval * (1 - random.uniform(0, spread))
+            spread = JITTER
             try:
-                async with asyncio.timeout(self._interval):
+                async with asyncio.timeout(wait):
                     await wake.wait()
             except TimeoutError:
                 pass
