@@ -22,7 +22,7 @@ from vmfenced.config import Config, check_environment, load
 from vmfenced.errors import ConfigError, StartupError
 from vmfenced.fence import Fencer
 from vmfenced.host import Host
-from vmfenced.hostset import HostSet
+from vmfenced.hostset import STARTUP_HOSTS_AT_ONCE, HostSet
 from vmfenced.journal import FenceEntry, Journal, JournalError
 from vmfenced.link import Lane
 from vmfenced.metrics import Metrics, MetricsServer
@@ -34,6 +34,7 @@ from vmfenced.server import Peer, SocketServer
 from vmfenced.watchdog import Watchdog, journal_flowing, socket_accepts
 
 DEFAULT_CONFIG = Path("/etc/vmfenced/vmfenced.toml")
+READY_WAIT_CAP = 60.0
 BACKENDS: dict[str, Backend] = {
     "esxi": esxi.BACKEND,
     "libvirt": libvirt.BACKEND,
@@ -173,12 +174,17 @@ class Daemon:
                 await self.server.close(grace=0)
             await asyncio.to_thread(self.journal.close)
             return 1
-        for host in self.hostset.build(self.config, self.keys, [h.name for h in self.config.hosts]):
-            self.hostset.start(host)
+        built = self.hostset.build(self.config, self.keys, [h.name for h in self.config.hosts])
+        for host in built:
             self.hostset.activate(host)
+        self.hostset.start_all(built)
         self._start_watchdog()
         self._log.info("listening", socket=str(self.config.daemon.socket), hosts=len(self.hosts))
-        first = max(self.config.ssh_for(h).connect_timeout for h in self.config.hosts) * 2 + 5
+        connect = max(self.config.ssh_for(h).connect_timeout for h in self.config.hosts)
+        # Hosts connect STARTUP_HOSTS_AT_ONCE at a time (HostSet.start_all): with many hosts,
+        # some slow, the last start late. Capped well under systemd's TimeoutStartSec (90 s).
+        waves = -(-len(built) // STARTUP_HOSTS_AT_ONCE)
+        first = max(connect * 2 + 5, min(READY_WAIT_CAP, (connect * 2 + 1) * waves + 4))
         ready = asyncio.ensure_future(self._ready_when_inventoried(first))
         await self.stop.wait()
         ready.cancel()

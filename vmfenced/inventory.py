@@ -8,6 +8,7 @@ it, so it waits for the interval or a link-up.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import structlog
@@ -18,6 +19,10 @@ from vmfenced.model import HostInventory, LinkState, VMMap
 
 # esxcli and vim-cmd go through hostd: seconds on a busy host, never on the fence path.
 INVENTORY_TIMEOUT = 60.0
+# Fractions of the interval drawn off the wait after a host's first round (its phase), and
+# off every later wait (keeps the phases apart when something lined them up again).
+FIRST_SPREAD = 0.5
+JITTER = 0.1
 
 
 class InventoryService:
@@ -57,13 +62,19 @@ class InventoryService:
 
     async def _loop(self, host: Host) -> None:
         wake = self._wake[host.name]
+        spread = FIRST_SPREAD
         while True:
             wake.clear()
             full, self._full[host.name] = self._full[host.name], False
             await self.refresh(host, full=full)
             self._first[host.name].set()
+            # Hosts started together would list together every interval for ever: one burst
+            # of N listings to parse at once (fences queue behind it) instead of a trickle.
+            # Shorter waits only, so no host is listed less often than every interval.
+            wait = self._interval * (1 - random.uniform(0, spread))
+            spread = JITTER
             try:
-                async with asyncio.timeout(self._interval):
+                async with asyncio.timeout(wait):
                     await wake.wait()
             except TimeoutError:
                 self._full[host.name] = True

@@ -87,6 +87,10 @@ class LabDaemon:
         self.log_path = self.dir / "vmfenced.log"
         self.config_path.write_text(render_config(lab, self.socket, **config))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_level = "debug"  # set before start(): a benchmark logs as in production
+        # time.perf_counter() at the spawn and at READY=1, for startup benchmarks.
+        self.spawned_at: float | None = None
+        self.ready_at: float | None = None
 
     def start(self, timeout: float = 30) -> LabDaemon:
         notify_path = self.dir / "notify.sock"
@@ -95,6 +99,7 @@ class LabDaemon:
         notify.bind(str(notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         with self.log_path.open("ab") as log:
+            self.spawned_at = time.perf_counter()
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
@@ -105,7 +110,7 @@ class LabDaemon:
                     "--log-format",
                     "json",
                     "--log-level",
-                    "debug",
+                    self.log_level,
                 ],
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -128,6 +133,7 @@ class LabDaemon:
                         ) from None
                     continue
                 if "READY=1" in message.splitlines():
+                    self.ready_at = time.perf_counter()
                     return self
         except BaseException:
             self.kill()

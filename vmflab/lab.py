@@ -11,7 +11,8 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -328,6 +329,19 @@ class Lab:
         host.wait_ready()
         self.write_known_hosts()
         return host
+
+    def start_vms(self, plan: Mapping[str, Sequence[str]], workers: int = 8) -> dict[str, int]:
+        """Powers on many VMs: one ssh session per host (``LabHost.start_vms``), ``workers``
+        hosts at a time. ``plan``: VM names by ESXi host name; returns cartel IDs by VM name."""
+        unknown = set(plan) - set(self.hosts)
+        if unknown:
+            raise LabError(f"no ESXi hosts {sorted(unknown)}")
+        cartels: dict[str, int] = {}
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            started = pool.map(lambda item: self.hosts[item[0]].start_vms(item[1]), plan.items())
+            for found in started:
+                cartels.update(found)
+        return cartels
 
     def write_known_hosts(self) -> None:
         """Rewrites known_hosts from every host's current key, address and port."""
