@@ -13,8 +13,11 @@ import structlog
 from vmfenced.backends import Backend
 from vmfenced.config import HostConfig, SSHConfig
 from vmfenced.errors import LinkError, ParseError
-from vmfenced.link import Lane
+from vmfenced.link import KnownHosts, Lane
 from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM
+
+# The inventory lane's keepalive interval, in fence-lane intervals (2 s at the defaults).
+INVENTORY_KEEPALIVE_FACTOR = 4
 
 HostListener = Callable[["Host", Lane], None]
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
@@ -30,6 +33,8 @@ class Host:
         backend: Backend,
         client_keys: list[asyncssh.SSHKey],
         on_change: HostListener,
+        *,
+        known_hosts: KnownHosts | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -43,9 +48,14 @@ class Host:
             "setup": backend.session_setup(config),
             "client_keys": client_keys,
             "on_change": listener,
+            "known_hosts": known_hosts,
         }
         self.fence = Lane(config, ssh, "fence", **lane_args)
-        self.inventory = Lane(config, ssh, "inventory", **lane_args)
+        # The host's state is its fence lane's: only that lane must notice a hung host within
+        # seconds. Keepalives are most of the daemon's CPU at rest (two per host per interval).
+        self.inventory = Lane(
+            config, ssh, "inventory", keepalive_factor=INVENTORY_KEEPALIVE_FACTOR, **lane_args
+        )
         self._log = structlog.get_logger("vmfenced.host").bind(host=self.name)
 
     @property

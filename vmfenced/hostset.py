@@ -18,6 +18,7 @@ from vmfenced.backends import Backend
 from vmfenced.config import Config
 from vmfenced.host import Host, HostListener
 from vmfenced.inventory import InventoryService
+from vmfenced.link import KnownHosts
 from vmfenced.model import VMMap
 from vmfenced.reload import ReloadPlan
 
@@ -48,6 +49,7 @@ class HostSet:
         self._interval = interval
         self._tasks: dict[Host, list[asyncio.Task[None]]] = {}
         self._inventories: dict[str, InventoryService] = {}
+        self._known_hosts = KnownHosts()
 
     # -- building and running ------------------------------------------------------------------
 
@@ -65,6 +67,7 @@ class HostSet:
                     self._backends[host.kind],
                     [keys[p] for p in ssh.client_keys],
                     self._on_change,
+                    known_hosts=self._known_hosts,
                 )
             )
         return built

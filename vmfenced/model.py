@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -53,47 +54,67 @@ class Located:
     vm: RunningVM
 
 
-@dataclass
 class VMMap:
-    """The live map VM -> host -> process, one inventory per host, replaced whole."""
+    """The live map VM -> host -> process, one inventory per host, replaced whole.
 
-    hosts: dict[str, HostInventory] = field(default_factory=dict)
+    Written only through these methods: they keep a name -> hosts index, so locating a VM
+    costs the same with 2,000 VMs as with 20 (a fence locates before it kills).
+    """
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, HostInventory] = {}
+        self._running: dict[str, set[str]] = {}
+        self._registered: dict[str, set[str]] = {}
+
+    def _put(self, host: str, inventory: HostInventory | None) -> None:
+        old = self.hosts.get(host)
+        if old is not None:
+            _unindex(self._running, host, (vm.name for vm in old.running))
+            _unindex(self._registered, host, (reg.name for reg in old.registered or ()))
+        if inventory is None:
+            self.hosts.pop(host, None)
+            return
+        self.hosts[host] = inventory
+        for vm in inventory.running:
+            self._running.setdefault(vm.name, set()).add(host)
+        for reg in inventory.registered or ():
+            self._registered.setdefault(reg.name, set()).add(host)
 
     def update(self, host: str, inventory: HostInventory) -> None:
-        self.hosts[host] = inventory
+        self._put(host, inventory)
 
     def update_running(self, host: str, running: tuple[RunningVM, ...], at: float) -> None:
         """A fresh process listing that keeps the (slower) registration listing."""
         old = self.hosts.get(host)
-        self.hosts[host] = HostInventory(running, old.registered if old else None, at)
+        self._put(host, HostInventory(running, old.registered if old else None, at))
 
     def forget(self, host: str) -> None:
-        self.hosts.pop(host, None)
+        self._put(host, None)
 
     def drop_running(self, host: str, name: str) -> None:
         old = self.hosts.get(host)
         if old is not None:
             kept = tuple(vm for vm in old.running if vm.name != name)
-            self.hosts[host] = HostInventory(kept, old.registered, old.at)
+            self._put(host, HostInventory(kept, old.registered, old.at))
 
     def where_running(self, name: str) -> list[Located]:
         return [
             Located(host, vm)
-            for host, inv in self.hosts.items()
-            for vm in inv.running
+            for host in sorted(self._running.get(name, ()))
+            for vm in self.hosts[host].running
             if vm.name == name
         ]
 
     def where_registered(self, name: str) -> list[tuple[str, RegisteredVM]]:
         return [
             (host, reg)
-            for host, inv in self.hosts.items()
-            for reg in inv.registered or ()
+            for host in sorted(self._registered.get(name, ()))
+            for reg in self.hosts[host].registered or ()
             if reg.name == name
         ]
 
     def is_known(self, name: str) -> bool:
-        return bool(self.where_running(name) or self.where_registered(name))
+        return name in self._running or name in self._registered
 
     def names(self) -> list[str]:
         out = {vm.name for inv in self.hosts.values() for vm in inv.running}
@@ -113,3 +134,12 @@ def alias_of(vm: str, aliases: dict[str, str]) -> str | None:
         if target == vm:
             return alias
     return None
+
+
+def _unindex(index: dict[str, set[str]], host: str, names: Iterable[str]) -> None:
+    for name in names:
+        hosts = index.get(name)
+        if hosts is not None:
+            hosts.discard(host)
+            if not hosts:
+                del index[name]
