@@ -2,8 +2,8 @@
 [--plot docs/bench-growth.png]`.
 
 One lab of real-sshd ESXi hosts (the largest size), VMS real VM processes on each; for each size
-N, a new daemon configured with the first N hosts (daemon settings as the lab renders them,
-log level info) and:
+N, a new daemon configured with the first N hosts (the lab's daemon settings, the SSH link
+settings as shipped, since keepalives are most of the CPU at rest; log level info) and:
 - startup: from the daemon's spawn to READY=1, and to the first `status` reply (polled every
   --poll s) showing every host's fence and inventory lanes up and every host's running VMs;
 - rest: the daemon's VmRSS and its CPU (utime+stime of /proc/PID/stat) over --window seconds
@@ -35,11 +35,12 @@ if not __package__:  # run as `python3 bench/scale.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.scale_report import SizeResult, plot, report
-from vmfenced.config import load
+from vmfenced.config import SSHConfig, load
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SHIPPED_LINK_KEYS = ("keepalive_interval", "keepalive_count_max", "connect_timeout")
 Alive = dict[str, list[str]]
 
 
@@ -193,7 +194,9 @@ def concurrent_phases(
 def run_size(lab: Lab, n: int, alive: Alive, args: argparse.Namespace) -> SizeResult:
     hosts = list(lab.hosts)[:n]
     expected = {h: len(alive[h]) for h in hosts}
-    daemon = LabDaemon(lab, hosts=hosts)
+    # The link settings as shipped: keepalives are most of the CPU at rest.
+    shipped = {k: SSHConfig.model_fields[k].default for k in SHIPPED_LINK_KEYS}
+    daemon = LabDaemon(lab, hosts=hosts, ssh=shipped)
     daemon.log_level = "info"
     watch = StartupWatch(daemon, expected, args.poll)
     try:
