@@ -29,6 +29,11 @@ RUNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Recovery from a hung and a dead host, default link settings", "recovery.py", ("-n", "10")),
     ("Under load: every core busy with the hosts' VM processes", "load.py", ("-n", "40")),
     (
+        "Under load, the busy VMs at nice 19 (as ESXi puts VMs below its system pool)",
+        "load.py",
+        ("-n", "40", "--vm-nice", "19"),
+    ),
+    (
         "Scale and growth",
         "scale.py",
         ("--sizes", "10,50,100,200", "--plot", str(ROOT / "docs" / "bench-growth.png")),

@@ -191,8 +191,10 @@ def dead_round(
 
 def new_rows(kind: str, fault: str, comeback: str) -> dict[str, Series]:
     return {
-        f"{kind}: host down": Series(f"{fault} until `status` shows the host down"),
-        f"{kind}: down": Series(f"{fault} until `status` shows both lanes down", TARGET_DOWN_S),
+        # A host's state is its fence lane's; the inventory lane's keepalive is slower on
+        # purpose (vmfenced.host.INVENTORY_KEEPALIVE_FACTOR).
+        f"{kind}: host down": Series(f"{fault} until `status` shows the host down", TARGET_DOWN_S),
+        f"{kind}: down": Series(f"{fault} until `status` shows both lanes down"),
         f"{kind}: link up": Series(f"{comeback} until `status` shows both lanes up"),
         f"{kind}: fenced": Series(f"{comeback} until a fence of its VM confirmed", TARGET_BACK_S),
         f"{kind}: fence attempts": Series("fence requests until that success (count)"),
