@@ -94,6 +94,10 @@ def start_host(host: LabHost, idle: list[str], busy: list[str], nice: int) -> li
         os.kill(pid, signal.SIGSTOP)
         if nice:
             os.setpriority(os.PRIO_PROCESS, pid, nice)
+            # Each VM leads its own session, hence (with sched_autogroup) its own scheduling
+            # group: the nice value that counts against the host's shells is the group's.
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
         stopped.append(pid)
     return stopped
 

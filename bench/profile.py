@@ -140,14 +140,14 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         with Lab(Path(tmp) / "lab", HOSTS) as lab:
             raw, elapsed = fence_phase(lab, out, args.fences, args.rate)
-            print(f"## Fence path: {args.fences} fences\n")
+            print(f"### Fence path: {args.fences} fences\n")
             print(
                 f"daemon-side elapsed: median {statistics.median(elapsed):.2f} ms, "
                 f"max {max(elapsed):.2f} ms (py-spy attached: slower than unobserved)\n"
             )
             print(summarise(raw, args.top))
             raw = inventory_phase(lab, out, args.vms, args.seconds, args.rate)
-            print(f"\n## Inventory path: {len(HOSTS)} hosts x {args.vms} VMs, refreshed every 1 s")
+            print(f"\n### Inventory path: {len(HOSTS)} hosts x {args.vms} VMs, refreshed every 1 s")
             print(f"for {args.seconds:g} s\n")
             print(summarise(raw, args.top))
     return 0

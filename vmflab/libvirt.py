@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from vmflab.control import InitControl, LabError
+from vmflab.control import InitControl, LabError, SshCommandError
 from vmflab.host import SshSettings, parent_pid, run_ssh, ssh_argv
 from vmflab.libvirt_files import LibvirtFiles, check_domain_name
 
@@ -213,7 +213,15 @@ class LibvirtHost:
         pid_file = shlex.quote(f"{RUN_DIR}/{name}.pid")
         domain = self._domain(name)
         start = shlex.join(["virsh", "-c", "qemu:///system", "start", "--domain", domain])
-        text = self.ssh(f"{start} >/dev/null && cat {pid_file}").stdout.strip()
+        command = f"{start} >/dev/null && cat {pid_file}"
+        try:
+            text = self.ssh(command).stdout.strip()
+        except SshCommandError as exc:
+            # Seen once in a benchmark run right after a kill -9: libvirtd terminated the new
+            # qemu while starting it. A second start then works; anything else is raised.
+            if "qemu unexpectedly closed the monitor" not in str(exc):
+                raise
+            text = self.ssh(command).stdout.strip()
         if not text.isdigit():
             raise LabError(f"no qemu PID for {name!r}: {text!r}", host=self.name)
         return int(text)

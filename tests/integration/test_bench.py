@@ -69,5 +69,5 @@ def test_profile_bench_quick() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "## Fence path: 6 fences" in done.stdout
-    assert "## Inventory path:" in done.stdout
+    assert "### Fence path: 6 fences" in done.stdout
+    assert "### Inventory path:" in done.stdout
