@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from vmfenced.backends import parse_kill_marker
@@ -175,3 +179,43 @@ def test_kill_markers(text: str, outcome: KillOutcome) -> None:
 def test_kill_without_verdict_is_an_error(text: str) -> None:
     with pytest.raises(ParseError):
         parse_kill_marker(text)
+
+
+# The guard's verdicts before any kill, with a stand-in `ps -c` (cartel 4194000: no kill is
+# reached in these cases). A ps that fails part-way never reads as "not running": after a kill,
+# "not running" is what confirms the death.
+PS_HEADER = "WID        CID        World Name                           Command"
+VM_LINE = "4194001    4194000    vmx                                  /bin/vmx -s x /vmfs/volumes/ds1/{}/{}.vmx"
+
+
+@pytest.mark.parametrize(
+    ("listing", "status", "marker"),
+    [
+        (
+            [PS_HEADER, VM_LINE.format("other", "other").replace("4194000", "17")],
+            0,
+            "vmf:not-running",
+        ),
+        ([PS_HEADER, VM_LINE.format("other", "other")], 0, "vmf:not-that-vm"),
+        ([PS_HEADER, VM_LINE.format("other", "other").replace("4194000", "17")], 1, "vmf:error"),
+        ([PS_HEADER], 141, "vmf:error"),
+        (["ps: cannot read worlds"], 1, "vmf:error"),
+    ],
+)
+def test_guard_verdict_needs_a_whole_listing(
+    tmp_path: Path, listing: list[str], status: int, marker: str
+) -> None:
+    ps = tmp_path / "ps"
+    body = "".join(f"printf '%s\\n' '{line}'\n" for line in listing)
+    ps.write_text(f"#!/bin/sh\n{body}exit {status}\n")
+    ps.chmod(0o755)
+    vm = RunningVM("vm1", "/vmfs/volumes/ds1/vm1/vm1.vmx", cartel=4194000)
+    done = subprocess.run(
+        ["/bin/sh", "-c", kill_command(vm, 0.05)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.splitlines()[-1:] == [marker], done.stdout + done.stderr

@@ -123,9 +123,9 @@ def kill_command(vm: RunningVM, budget: float) -> str:
 
     Exit statuses of vmf_chk: 0 this VM runs there, 1 nothing under that cartel, 2 that cartel
     runs something else (reused: never killed), 3 `ps -c` failed (no verdict possible).
-    `ps -c` is piped straight into awk (one process fewer than capturing it first): a failing
-    ps prints no header, which awk reports as 3. A listing cut short can only hide the VM,
-    which sends the fencer to a full search, never to a success.
+    `ps -c` is piped straight into awk (one process fewer than capturing it first), followed by
+    its exit status: only a sighting of the VM counts from a listing that failed part-way.
+    "Not there" needs the whole listing, because after the kill it means "confirmed gone".
 
     Fast path: once `kill -9` has succeeded, `kill -0` failing proves the process is gone and
     reaped (a zombie still answers `kill -0`, and only the PID's owner could have been
@@ -135,11 +135,13 @@ def kill_command(vm: RunningVM, budget: float) -> str:
     tries = max(1, int(budget / 0.01))
     return f"""VMF_VMX={shlex.quote(vmx_tail(vm.config_file))}; export VMF_VMX; vmf_c={vm.cartel}
 vmf_chk() {{
-  ps -c 2>&1 | awk -v c="$vmf_c" 'BEGIN {{ v = ENVIRON["VMF_VMX"] " "; r = 1 }}
+  {{ ps -c 2>&1; echo "vmf:ps=$?"; }} |
+  awk -v c="$vmf_c" 'BEGIN {{ v = ENVIRON["VMF_VMX"] " "; r = 1 }}
     NR == 1 && /CID/ {{ h = 1; next }}
     !h {{ exit }}
+    /^vmf:ps=/ {{ s = substr($0, 8); next }}
     $2 == c {{ if (index($0 " ", v)) {{ r = 0; exit }} r = 2 }}
-    END {{ if (!h) exit 3; exit r }}'
+    END {{ if (!h) exit 3; if (r == 0) exit 0; if (s != "0") exit 3; exit r }}'
 }}
 vmf_chk; vmf_r=$?
 if [ "$vmf_r" -eq 0 ]; then
