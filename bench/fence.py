@@ -25,14 +25,9 @@ from pathlib import Path
 from vmfenced.agent_install import install
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
+from vmflab.stats import percentile
 
 HOSTS = ("esx1", "esx2", "esx3")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def timed(action: Callable[[], object]) -> float:

@@ -38,6 +38,8 @@ from pathlib import Path
 from vmfenced.agent_install import install
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
+from vmflab.procs import outer_pid
+from vmflab.stats import percentile
 
 HOSTS = ("esx1", "esx2", "esx3")
 PHASES = ("idle", "loaded")
@@ -54,27 +56,12 @@ class BenchError(Exception):
     """The lab or the daemon did not do what the benchmark needs."""
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of every CPU since boot, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     total = sum(fields[:8])  # guest time is already counted in user
     return total - idle, total
-
-
-def outside_pid(host: LabHost, vm: str) -> int:
-    """The VM's PID as this (outer) PID namespace sees it, to signal it without ssh."""
-    for pid in host.namespace_pids():
-        with contextlib.suppress(OSError):
-            if f"/{vm}.vmx".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-    raise BenchError(f"{vm} not running on {host.name}")
 
 
 def signal_all(pids: Iterable[int], signum: int) -> None:
@@ -90,7 +77,7 @@ def start_host(host: LabHost, idle: list[str], busy: list[str], nice: int) -> li
     for name in busy:
         host.start_vm(name, busy=True)
         # Stopped at once: starting the next VMs under load would only make the setup slower.
-        pid = outside_pid(host, name)
+        pid = outer_pid(host, name)
         os.kill(pid, signal.SIGSTOP)
         if nice:
             os.setpriority(os.PRIO_PROCESS, pid, nice)

@@ -20,15 +20,12 @@ shown within 3 s of a hang, fenceable again within 2 s of the host's return. `--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
-import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +35,8 @@ from vmfenced import link
 from vmfenced.config import DaemonConfig, SSHConfig
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
+from vmflab.procs import stopped
+from vmflab.stats import percentile
 
 HOSTS = ("esx1", "esx2", "esx3")
 POLL_S = 0.01
@@ -58,12 +57,6 @@ class Series:
     what: str
     target_s: float | None = None
     values: list[float] = field(default_factory=list)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def link_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,21 +122,6 @@ def fence_until_done(daemon: LabDaemon, vm: str) -> tuple[float, int, float]:
         if reply["error"]["code"] != "fence_failed" or done > deadline:
             raise BenchError(f"fence {vm}: {reply['error']}")
         time.sleep(POLL_S)
-
-
-@contextlib.contextmanager
-def stopped(host: LabHost) -> Iterator[None]:
-    """Every process of the host but its reaper SIGSTOPped; SIGCONTed on the way out."""
-    pids = [pid for pid in host.namespace_pids() if pid != host.init_pid]
-    try:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
 
 
 def back(

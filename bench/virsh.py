@@ -34,6 +34,7 @@ from vmflab.cluster import Cluster
 from vmflab.cluster_config import agent_wrapper, host_map
 from vmflab.cluster_vm import LibvirtLabVm, NodeVm
 from vmflab.daemon import LabDaemon
+from vmflab.stats import percentile
 
 HOSTS = ("kvm1", "kvm2")
 VMS = {"bench-vm1": "kvm1", "bench-vm2": "kvm2"}
@@ -56,12 +57,6 @@ DEVICES = {"fence_virsh": "dev-virsh", "fence_vmfenced": "dev-vmfenced"}
 REBOOT_TIMEOUT_S = 60
 
 Rows = dict[str, list[float]]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
 from tests.faults.conftest import Ledger
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
+from vmflab.procs import outer_pid, stopped
 
 pytestmark = pytest.mark.faults
 
@@ -37,39 +36,6 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20) -> float:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(0.02)
     return time.monotonic() - start
-
-
-def outside_pid(host: LabHost, vm: str) -> int:
-    """The VM's PID as this (outer) PID namespace sees it."""
-    for pid in host.namespace_pids():
-        with contextlib.suppress(OSError):
-            if f"/{vm}.vmx".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-    raise AssertionError(f"{vm} not running on {host.name}")
-
-
-class Namespaced(Protocol):
-    """A lab host of any kind: its processes are those of its PID namespace."""
-
-    @property
-    def init_pid(self) -> int | None: ...
-
-    def namespace_pids(self) -> list[int]: ...
-
-
-@contextlib.contextmanager
-def stopped(host: Namespaced) -> Iterator[list[int]]:
-    """Every process of the host but its reaper stopped: TCP stays open, nothing answers."""
-    pids = [pid for pid in host.namespace_pids() if pid != host.init_pid]
-    try:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
-                os.kill(pid, signal.SIGSTOP)
-        yield pids
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager
@@ -119,7 +85,7 @@ def test_dead_host_during_fence(lab: Lab, ledger: Ledger) -> None:
     bystander = lab.hosts["esx3"]
     ledger.start(bystander, "gfs-node3")
     with LabDaemon(lab, daemon={"fence_timeout": 3}) as daemon, ThreadPoolExecutor(1) as pool:
-        with frozen(outside_pid(esx2, "gfs-node2")):
+        with frozen(outer_pid(esx2, "gfs-node2")):
             ledger.target("esx2", "gfs-node2")
             pending = pool.submit(fence, daemon, "gfs-node2")
             wait_for(lambda: '"op": "fence"' in daemon.log())  # the kill is on its way
@@ -157,7 +123,7 @@ def test_vm_refuses_to_die(lab: Lab, ledger: Ledger) -> None:
     ledger.start(esx1, "gfs-node1")
     ledger.start(esx1, "gfs-node3")
     with LabDaemon(lab, daemon={"fence_timeout": 2}) as daemon:
-        with frozen(outside_pid(esx1, "gfs-node1")):
+        with frozen(outer_pid(esx1, "gfs-node1")):
             ledger.target("esx1", "gfs-node1")
             start = time.monotonic()
             reply = fence(daemon, "gfs-node1")
@@ -180,7 +146,7 @@ def test_daemon_killed_mid_fence(lab: Lab, ledger: Ledger) -> None:
     ledger.start(lab.hosts["esx1"], "gfs-node1")
     daemon = LabDaemon(lab, daemon={"fence_timeout": 5}).start()
     try:
-        with ThreadPoolExecutor(1) as pool, frozen(outside_pid(esx2, "gfs-node2")):
+        with ThreadPoolExecutor(1) as pool, frozen(outer_pid(esx2, "gfs-node2")):
             ledger.target("esx2", "gfs-node2")
             pending = pool.submit(fence, daemon, "gfs-node2")
             wait_for(lambda: '"op": "fence"' in daemon.log())
@@ -310,7 +276,7 @@ def fails_while(
     ledger.start(lab.hosts["esx1"], "gfs-node1")
     settings = {"ssh": FAST_KEEPALIVE, "daemon": {"fence_timeout": 3}}
     with LabDaemon(lab, **settings) as daemon, ThreadPoolExecutor(1) as pool:
-        with frozen(outside_pid(esx2, "gfs-node2")):
+        with frozen(outer_pid(esx2, "gfs-node2")):
             ledger.target("esx2", "gfs-node2")
             pending = pool.submit(fence, daemon, "gfs-node2")
             wait_for(lambda: '"op": "fence"' in daemon.log())

@@ -7,9 +7,10 @@ import time
 import pytest
 
 from tests.faults.conftest import Ledger
-from tests.faults.test_faults import fence, stopped, wait_for
+from tests.faults.test_faults import fence, wait_for
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
+from vmflab.procs import stopped
 
 pytestmark = pytest.mark.faults
 
