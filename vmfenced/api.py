@@ -27,6 +27,10 @@ from vmfenced.protocol import (
 from vmfenced.server import Peer
 
 
+# The state of a VM whose host does not answer: no fence of it can be confirmed.
+UNCONFIRMABLE = "unconfirmable"
+
+
 class DaemonOps(Protocol):
     """What the daemon provides beyond the fencer: reload, the journal, the metrics."""
 
@@ -155,9 +159,14 @@ class Api:
         }
 
     def _vms(self) -> list[dict[str, Any]]:
+        """The map, not a live answer (that is vm_status). A VM whose latest listing placed it
+        on a host that does not answer now is "unconfirmable": fencing it fails until the host
+        answers. A VM is "off" here only while every configured host is up and listed, none
+        running it (the map's form of the evidence `off` needs)."""
         aliases = self._fencer.aliases
         out: list[dict[str, Any]] = []
         running: set[str] = set()
+        everyone = all(_up(h) and name in self._map.hosts for name, h in self._hosts.items())
         for host_name, inv in self._map.hosts.items():
             up = _up(self._hosts.get(host_name))
             for vm in inv.running:
@@ -167,7 +176,7 @@ class Api:
                         "name": vm.name,
                         "alias": alias_of(vm.name, aliases),
                         "host": host_name,
-                        "state": "on" if up else "unknown",
+                        "state": "on" if up else UNCONFIRMABLE,
                         "cartel": vm.cartel,
                         "world": vm.world,
                         "uuid": vm.uuid,
@@ -184,7 +193,7 @@ class Api:
                         "name": reg.name,
                         "alias": alias_of(reg.name, aliases),
                         "host": host_name,
-                        "state": "off" if up else "unknown",
+                        "state": "off" if up and everyone else "unknown",
                         "cartel": None,
                         "world": None,
                         "uuid": None,

@@ -30,6 +30,10 @@ class DaemonConfig(_Frozen):
     socket_group: str | None = None
     inventory_interval: Annotated[float, Field(ge=1, le=86400)] = 30
     fence_timeout: Annotated[float, Field(gt=0, le=600)] = 10
+    # `on`, and the on half of `reboot`, answer within this (a power-on still running then goes
+    # on in the background). Off (fence_timeout) plus this stays below the agent's default limit
+    # (power_timeout 20 s + 5 s).
+    on_timeout: Annotated[float, Field(gt=0, le=600)] = 10
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 15
     # The fence journal (fences.jsonl) lives here; systemd's StateDirectory=vmfenced.
     state_directory: Path = DEFAULT_STATE_DIRECTORY

@@ -211,7 +211,14 @@ def render_status(result: JsonObject, now: float) -> str:
         ("VM", "ALIAS", "HOST", "STATE", "CARTEL"),
         [(v.name, v.alias, v.host, v.state, v.cartel) for v in status.vms],
     )
-    return head + hosts + "\n" + vms
+    text = head + hosts + "\n" + vms
+    if any(v.state == "unconfirmable" for v in status.vms):
+        text += (
+            "\nunconfirmable: the VM's host does not answer, so no fence of it can be "
+            "confirmed.\nCheck that host (power, network); once you know the VM is down, "
+            "confirm it by hand: stonith_admin --confirm NODE\n"
+        )
+    return text
 
 
 def render_list(result: JsonObject) -> str:

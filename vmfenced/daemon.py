@@ -99,6 +99,7 @@ class Daemon:
             dict(config.aliases),
             config.daemon.fence_timeout,
             self.hostset.request_running,
+            on_timeout=config.daemon.on_timeout,
         )
         self.metrics = Metrics(self.hosts, self.map, lambda: len(self.fencer.inflight()))
         self._metrics_server: MetricsServer | None = None
@@ -375,6 +376,7 @@ class Daemon:
         # Same step as the host swap (no await since): the rest of the config follows at once.
         self.fencer.aliases = dict(new.aliases)
         self.fencer.fence_timeout = new.daemon.fence_timeout
+        self.fencer.on_timeout = new.daemon.on_timeout
         self.journal.set_limits(new.daemon.journal_max_bytes, new.daemon.journal_keep)
         self.config, self.keys = new, keys
         self._metrics_server = new_metrics

@@ -1,8 +1,9 @@
-"""Fencing: locate the VM, guarded kill, confirm death. Any doubt is a failure, never a success.
+"""Fencing: gather evidence, ask the verdict, act. Any doubt is a failure, never a success.
 
-`off` succeeds only when (a) a guarded kill reported the VM's process gone, or (b) every host
-answered a live listing and none runs the VM, and the VM is known to exist. An unreachable host
-that might hold the VM, a timeout, a VM seen on two hosts at once: FenceFailed.
+`vmfenced.verdict` decides; this module only runs what it asks for (fresh listings,
+registration listings, the guarded kill, a power-on) and turns its decision into a result.
+Requests for one VM are serialised; a power-on that outlives its request's budget keeps
+running in the background and the VM's later requests queue behind it.
 """
 
 from __future__ import annotations
@@ -10,13 +11,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import structlog
 
 from vmfenced.errors import FenceFailed, LinkError, UnknownVM
+from vmfenced.evidence import Evidence
 from vmfenced.host import Host
-from vmfenced.model import KillOutcome, Located, RunningVM, VMMap, resolve
+from vmfenced.model import KillOutcome, Located, RegisteredVM, VMMap, resolve
+from vmfenced.verdict import (
+    Decision,
+    HostView,
+    KillReport,
+    Step,
+    decide_off,
+    decide_on,
+    decide_status,
+)
 
 # A VM that moves between our listing and our kill (migration, HA restart) is chased this often.
 SEARCH_ROUNDS = 3
@@ -41,6 +52,17 @@ class VMState:
     cartel: int | None
 
 
+@dataclass(slots=True)
+class _Off:
+    """One `off` request's evidence: answers by host, and since when each must be fresh."""
+
+    start: float  # perf_counter at the request's start, for its budget and elapsed_ms
+    since: float  # monotonic: a listing used here must have started after this
+    views: dict[str, HostView]
+    # Per host, a later `since` (the target's host after the kill).
+    since_of: dict[str, float] = field(default_factory=dict)
+
+
 class Fencer:
     def __init__(
         self,
@@ -49,22 +71,33 @@ class Fencer:
         aliases: dict[str, str],
         fence_timeout: float,
         refresh: Callable[[str], None],
+        *,
+        on_timeout: float = 10.0,
     ) -> None:
         self.hosts = hosts
         self.aliases = aliases
         self.fence_timeout = fence_timeout
+        self.on_timeout = on_timeout
         self._map = vmmap
         self._refresh = refresh
+        self._evidence = Evidence(hosts, vmmap, lambda: self.fence_timeout)
         self._inflight: dict[tuple[str, str], asyncio.Task[FenceResult]] = {}
         self._per_vm: dict[str, asyncio.Lock] = {}
-        self._seen: set[str] = set()
+        # Power-ons still running on a host after their request was answered, by VM.
+        self._pending_on: dict[str, asyncio.Task[FenceResult]] = {}
         self._log = structlog.get_logger("vmfenced.fence")
 
     def target(self, name: str) -> str:
         return resolve(name, self.aliases)[0]
 
     def inflight(self) -> list[asyncio.Task[FenceResult]]:
-        return list(self._inflight.values())
+        return [*self._inflight.values(), *self._pending_on.values()]
+
+    def pending_power_on(self) -> list[str]:
+        return sorted(self._pending_on)
+
+    def _known(self, vm: str) -> bool:
+        return vm in self.aliases.values() or vm in self._evidence.seen or self._map.is_known(vm)
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -85,6 +118,7 @@ class Fencer:
         lock = self._per_vm.setdefault(vm, asyncio.Lock())
         try:
             async with lock:
+                await self._behind_power_on(vm)
                 start = time.perf_counter()
                 log = self._log.bind(vm=vm, action=action)
                 try:
@@ -97,6 +131,7 @@ class Fencer:
                     outcome=result.outcome,
                     host=result.host,
                     elapsed_ms=result.elapsed_ms,
+                    warning=result.warning,
                 )
                 return result
         finally:
@@ -105,6 +140,18 @@ class Fencer:
             if not any(name == vm and t is not me for (name, _), t in self._inflight.items()):
                 self._per_vm.pop(vm, None)
 
+    async def _behind_power_on(self, vm: str) -> None:
+        """A power-on still running on the host: until it ends, no listing says what the VM is
+        (an `off` must not answer "already off" while it may be starting)."""
+        pending = self._pending_on.get(vm)
+        if pending is None:
+            return
+        await asyncio.wait([pending], timeout=self.fence_timeout)
+        if not pending.done():
+            raise FenceFailed(
+                vm, "a power-on of this VM is still in progress on its host: try again later"
+            )
+
     async def _timed(self, vm: str, action: str, start: float) -> FenceResult:
         run: Callable[[str, float], Awaitable[FenceResult]] = {
             "off": self._off,
@@ -112,142 +159,176 @@ class Fencer:
             "reboot": self._reboot,
         }[action]
         if action == "off":
-            try:
-                async with asyncio.timeout(self.fence_timeout):
-                    return await run(vm, start)
-            except TimeoutError:
-                raise FenceFailed(
-                    vm, f"not confirmed within fence_timeout ({self.fence_timeout:g} s)"
-                ) from None
+            return await self._bounded_off(vm, start)
         return await run(vm, start)
 
-    async def vm_status(self, name: str) -> VMState:
-        vm = self.target(name)
+    async def _bounded_off(self, vm: str, start: float) -> FenceResult:
         try:
             async with asyncio.timeout(self.fence_timeout):
-                for loc in self._map.where_running(vm):
-                    host = self.hosts[loc.host]
-                    try:
-                        listing = await host.list_running(host.fence, self.fence_timeout)
-                    except LinkError:
-                        break
-                    self._map.update_running(loc.host, listing, time.time())
-                    found = [v for v in listing if v.name == vm]
-                    if found:
-                        return VMState(vm, "on", loc.host, found[0].cartel)
-                located = await self._search(vm)
-        except TimeoutError:
-            raise FenceFailed(vm, "no answer from the hosts within fence_timeout") from None
-        if located:
-            return VMState(vm, "on", located[0].host, located[0].vm.cartel)
-        return VMState(vm, "off", None, None)
-
-    # -- off -----------------------------------------------------------------------------------
-
-    async def _off(self, vm: str, start: float) -> FenceResult:
-        located = self._map.where_running(vm)
-        if len(located) == 1:
-            result = await self._try_kill(vm, located[0], start)
-            if result is not None:
-                return result
-        for _ in range(SEARCH_ROUNDS):
-            found = await self._search(vm)
-            if not found:
-                return self._done(vm, "off", "already_off", None, start)
-            result = await self._try_kill(vm, found[0], start)
-            if result is not None:
-                return result
-        raise FenceFailed(vm, f"kept moving between hosts over {SEARCH_ROUNDS} searches")
-
-    async def _try_kill(self, vm: str, loc: Located, start: float) -> FenceResult | None:
-        """Kill where `loc` says; None when the VM is not (or no longer) there."""
-        host = self.hosts[loc.host]
-        remaining = self.fence_timeout - (time.perf_counter() - start)
-        if remaining <= 0:
-            raise FenceFailed(vm, f"not confirmed within fence_timeout ({self.fence_timeout:g} s)")
-        try:
-            outcome = await host.guarded_kill(loc.vm, remaining)
-        except LinkError as exc:
-            self._log.warning("guarded kill failed", vm=vm, host=loc.host, reason=exc.reason)
-            return None  # the search decides: it fails if this host stays unreachable
-        self._seen.add(vm)
-        if outcome is KillOutcome.KILLED:
-            self._map.drop_running(loc.host, vm)
-            self._refresh(loc.host)
-            return self._done(vm, "off", "killed", loc, start)
-        if outcome is KillOutcome.ALIVE:
-            raise FenceFailed(
-                vm, f"cartel {loc.vm.cartel} still running after kill -9", host=loc.host
-            )
-        self._log.info("not where the map says", vm=vm, host=loc.host, outcome=outcome.value)
-        return None
-
-    async def _search(self, vm: str) -> list[Located]:
-        """Live listing on every host's fence lane at once; raise unless the answer is certain."""
-        names = list(self.hosts)
-        remaining = self.fence_timeout
-        answers = await asyncio.gather(
-            *(self._list(self.hosts[n], remaining) for n in names), return_exceptions=True
-        )
-        found: list[Located] = []
-        unreachable: list[str] = []
-        for name, answer in zip(names, answers, strict=True):
-            if isinstance(answer, LinkError):
-                unreachable.append(f"{name} ({answer.reason})")
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                found.extend(Located(name, v) for v in answer if v.name == vm)
-        if len({loc.host for loc in found}) > 1:
-            hosts = ", ".join(sorted({loc.host for loc in found}))
-            raise FenceFailed(vm, f"ambiguous: running on several hosts at once ({hosts})")
-        if found:
-            self._seen.add(vm)
-            return found
-        if unreachable:
-            raise FenceFailed(vm, "cannot confirm it is off: unreachable " + "; ".join(unreachable))
-        if not (vm in self._seen or self._map.is_known(vm)):
-            raise UnknownVM(vm)
-        return []
-
-    async def _list(self, host: Host, timeout: float) -> tuple[RunningVM, ...]:
-        listing = await host.list_running(host.fence, timeout)
-        self._map.update_running(host.name, listing, time.time())
-        self._seen.update(v.name for v in listing)
-        return listing
-
-    # -- on, reboot ----------------------------------------------------------------------------
-
-    async def _on(self, vm: str, start: float) -> FenceResult:
-        located = await self._search(vm)
-        if located:
-            return self._done(vm, "on", "already_on", located[0], start)
-        registered = self._map.where_registered(vm)
-        hosts = sorted({host for host, _ in registered})
-        if not hosts:
-            raise FenceFailed(vm, "not registered on any reachable host: cannot power it on")
-        if len(hosts) > 1:
-            raise FenceFailed(vm, f"registered on several hosts ({', '.join(hosts)})")
-        host = self.hosts[hosts[0]]
-        try:
-            await host.power_on(registered[0][1])
-            listing = await self._list(host, self.fence_timeout)
-        except LinkError as exc:
-            raise FenceFailed(vm, exc.reason, host=host.name) from None
-        self._refresh(host.name)
-        running = [v for v in listing if v.name == vm]
-        if not running:
-            raise FenceFailed(vm, "power-on reported success but the VM is not running", host.name)
-        return self._done(vm, "on", "powered_on", Located(host.name, running[0]), start)
-
-    async def _reboot(self, vm: str, start: float) -> FenceResult:
-        try:
-            async with asyncio.timeout(self.fence_timeout):
-                off = await self._off(vm, start)
+                return await self._off(vm, start)
         except TimeoutError:
             raise FenceFailed(
                 vm, f"off not confirmed within fence_timeout ({self.fence_timeout:g} s)"
             ) from None
+
+    async def vm_status(self, name: str) -> VMState:
+        """Live: ON from a fresh listing, OFF only on the evidence `off` would need."""
+        vm = self.target(name)
+        await self._behind_power_on(vm)
+        since = time.monotonic()
+        views = self._evidence.views(vm)
+        try:
+            async with asyncio.timeout(self.fence_timeout):
+                while True:
+                    decision = decide_status(vm, list(views.values()), known=self._known(vm))
+                    if decision.step is Step.ON and decision.target is not None:
+                        loc = decision.target
+                        return VMState(vm, "on", loc.host, loc.vm.cartel)
+                    if decision.step is Step.OFF:
+                        return VMState(vm, "off", None, None)
+                    await self._gather(vm, views, decision, since)
+        except TimeoutError:
+            raise FenceFailed(vm, "no answer from the hosts within fence_timeout") from None
+
+    async def _gather(
+        self,
+        vm: str,
+        views: dict[str, HostView],
+        decision: Decision,
+        since: float,
+        since_of: dict[str, float] | None = None,
+    ) -> None:
+        """Run the evidence step `decision` asks for; anything else ends the request."""
+        if decision.step is Step.LIST:
+            when = {n: (since_of or {}).get(n, since) for n in decision.hosts}
+            await self._evidence.list(vm, views, decision.hosts, when)
+        elif decision.step is Step.REGISTRATIONS:
+            await self._evidence.registrations(vm, views, decision.hosts, since)
+        else:
+            _raise(vm, decision)
+
+    # -- off -----------------------------------------------------------------------------------
+
+    async def _off(self, vm: str, start: float) -> FenceResult:
+        off = _Off(start, time.monotonic(), self._evidence.views(vm))
+        kill: KillReport | None = None
+        rounds = 0
+        while True:
+            decision = decide_off(vm, list(off.views.values()), kill, known=self._known(vm))
+            match decision.step:
+                case Step.KILLED:
+                    assert decision.target is not None
+                    self._refresh(decision.target.host)
+                    return self._done(vm, "off", "killed", decision.target, start)
+                case Step.ALREADY_OFF:
+                    return self._done(vm, "off", "already_off", None, start)
+                case Step.KILL:
+                    assert decision.target is not None
+                    kill = await self._kill(vm, off, decision.target)
+                case Step.SEARCH_AGAIN:
+                    rounds += 1
+                    if rounds >= SEARCH_ROUNDS:
+                        raise FenceFailed(
+                            vm, f"kept moving between hosts over {SEARCH_ROUNDS} searches"
+                        )
+                    # Every answer so far predates the VM's move: ask everyone again.
+                    off = _Off(start, time.monotonic(), self._evidence.views(vm))
+                    kill = None
+                case _:
+                    await self._gather(vm, off.views, decision, off.since, off.since_of)
+
+    async def _kill(self, vm: str, off: _Off, target: Located) -> KillReport:
+        """The guarded kill on the target's host; every other host is listed meanwhile."""
+        host = self.hosts[target.host]
+        views = off.views
+        remaining = self.fence_timeout - (time.perf_counter() - off.start)
+        others = tuple(n for n, v in views.items() if n != target.host and not v.asked)
+        listing_others = asyncio.ensure_future(
+            self._evidence.list(vm, views, others, dict.fromkeys(others, off.since))
+        )
+        try:
+            outcome, after = await host.kill_and_list(target.vm, max(0.05, remaining))
+        except LinkError as exc:
+            self._log.warning("guarded kill failed", vm=vm, host=target.host, reason=exc.reason)
+            await listing_others
+            return KillReport(target, None, exc.reason)
+        except BaseException:
+            listing_others.cancel()
+            raise
+        await listing_others
+        # Only a listing taken after the kill speaks for the target's host now.
+        killed_at = time.monotonic()
+        off.since_of[target.host] = killed_at
+        if after is None:
+            views[target.host] = HostView(target.host, latest=views[target.host].latest)
+        else:
+            self._evidence.record(host, after, time.time())
+            mine = tuple(v for v in after if v.name == vm)
+            views[target.host] = replace(views[target.host], fresh=mine, problem=None)
+        if outcome is KillOutcome.KILLED:
+            self._map.drop_running(target.host, vm)
+        elif outcome is not KillOutcome.ALIVE:
+            self._log.info("not where the map says", vm=vm, host=target.host, outcome=outcome)
+        return KillReport(target, outcome)
+
+    # -- on, reboot ----------------------------------------------------------------------------
+
+    async def _on(self, vm: str, start: float) -> FenceResult:
+        """Bounded by on_timeout; a power-on still running then goes on in the background."""
+        task = asyncio.create_task(self._power_on(vm, start), name=f"power-on-{vm}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.on_timeout)
+        except TimeoutError:
+            self._background(vm, task)
+            raise FenceFailed(
+                vm,
+                f"power-on not confirmed within on_timeout ({self.on_timeout:g} s); it goes on "
+                "on the host, and later requests for this VM wait for it",
+            ) from None
+
+    def _background(self, vm: str, task: asyncio.Task[FenceResult]) -> None:
+        self._pending_on[vm] = task
+
+        def done(t: asyncio.Task[FenceResult]) -> None:
+            if self._pending_on.get(vm) is t:
+                del self._pending_on[vm]
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is None:
+                self._log.info("background power-on done", vm=vm, outcome=t.result().outcome)
+            else:
+                self._log.warning("background power-on failed", vm=vm, reason=str(exc))
+
+        task.add_done_callback(done)
+
+    async def _power_on(self, vm: str, start: float) -> FenceResult:
+        since = time.monotonic()
+        views = self._evidence.views(vm)
+        while True:
+            decision = decide_on(vm, list(views.values()), known=self._known(vm))
+            if decision.step is Step.ON and decision.target is not None:
+                return self._done(vm, "on", "already_on", decision.target, start)
+            if decision.step is Step.POWER_ON and decision.registration is not None:
+                return await self._start(vm, decision.hosts[0], decision.registration, start)
+            await self._gather(vm, views, decision, since)
+
+    async def _start(self, vm: str, name: str, reg: RegisteredVM, start: float) -> FenceResult:
+        host = self.hosts[name]
+        try:
+            await host.power_on(reg)
+        except LinkError as exc:
+            raise FenceFailed(vm, exc.reason, host=name) from None
+        self._refresh(name)
+        views = self._evidence.views(vm)
+        await self._evidence.list(vm, views, (name,), {name: time.monotonic()})
+        running = views[name].fresh or ()
+        if not running:
+            raise FenceFailed(vm, "power-on reported success but the VM is not running", name)
+        return self._done(vm, "on", "powered_on", Located(name, running[0]), start)
+
+    async def _reboot(self, vm: str, start: float) -> FenceResult:
+        off = await self._bounded_off(vm, start)
         try:
             on = await self._on(vm, start)
         except FenceFailed as exc:
@@ -258,8 +339,8 @@ class Fencer:
                 "off_only",
                 off.host,
                 off.cartel,
-                off.elapsed_ms,
-                warning=f"off confirmed, power-on failed: {exc.reason}",
+                _ms(start),
+                warning=f"off confirmed in {off.elapsed_ms:g} ms, power-on failed: {exc.reason}",
             )
         return FenceResult(vm, "reboot", "rebooted", on.host, on.cartel, on.elapsed_ms)
 
@@ -272,5 +353,15 @@ class Fencer:
             outcome=outcome,
             host=loc.host if loc else None,
             cartel=loc.vm.cartel if loc else None,
-            elapsed_ms=round((time.perf_counter() - start) * 1000, 3),
+            elapsed_ms=_ms(start),
         )
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+def _raise(vm: str, decision: Decision) -> None:
+    if decision.unknown:
+        raise UnknownVM(vm)
+    raise FenceFailed(vm, decision.reason or f"cannot decide ({decision.step})", decision.host)

@@ -19,6 +19,9 @@ from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM
 # The inventory lane's keepalive interval, in fence-lane intervals (2 s at the defaults).
 INVENTORY_KEEPALIVE_FACTOR = 4
 
+# Separates the guarded kill's answer from the listing that follows it in one command.
+LISTING_MARK = "vmf:listing-after-kill"
+
 HostListener = Callable[["Host", Lane], None]
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
@@ -112,6 +115,36 @@ class Host:
             return self.backend.parse_kill(result.output)
         except ParseError as exc:
             raise LinkError(self.name, "fence", f"guarded kill: {exc.reason}") from None
+
+    async def kill_and_list(
+        self, vm: RunningVM, timeout: float
+    ) -> tuple[KillOutcome, tuple[RunningVM, ...] | None]:
+        """The guarded kill, then the fast listing, in one round trip: confirming that no other
+        instance of the VM runs on this host costs no second exchange. The listing is None when
+        it failed or could not be read (the caller lists again, with every fallback)."""
+        listing = self.backend.listings[0]
+        command = (
+            self.backend.kill_command(vm, max(0.05, timeout * 0.8))
+            + f"\necho {LISTING_MARK}\n"
+            + listing.command
+        )
+        result = await self.fence.run(command, timeout)
+        lines = result.output.split("\n")
+        # The kill part's output is ours (markers, awk's errors); the first mark ends it.
+        if LISTING_MARK not in lines:
+            raise LinkError(self.name, "fence", f"guarded kill: no answer: {_tail(result)}")
+        at = lines.index(LISTING_MARK)
+        try:
+            outcome = self.backend.parse_kill("\n".join(lines[:at]))
+        except ParseError as exc:
+            raise LinkError(self.name, "fence", f"guarded kill: {exc.reason}") from None
+        if result.status != 0:
+            return outcome, None
+        try:
+            return outcome, listing.parse("\n".join(lines[at + 1 :]))
+        except ParseError as exc:
+            self._log.warning("listing after the kill not readable", reason=exc.reason)
+            return outcome, None
 
     async def power_on(self, vm: RegisteredVM) -> None:
         command = self.backend.power_on_command(vm)

@@ -181,6 +181,9 @@ class HostSet:
         for name in plan.removed:
             del self.hosts[name]
             self._inventories.pop(name, None)
+        # A replaced host may be another machine now: what the old one listed (its vmids
+        # above all) must never serve the new one. Its map fills again from its new links.
+        for name in (*plan.removed, *plan.replaced):
             self._map.forget(name)
         self.set_interval(config.daemon.inventory_interval)
         for host in fresh:

@@ -88,6 +88,12 @@ class VMMap:
         old = self.hosts.get(host)
         self._put(host, HostInventory(running, old.registered if old else None, at))
 
+    def update_registered(self, host: str, registered: tuple[RegisteredVM, ...]) -> None:
+        """A fresh registration listing that keeps the running VMs (and their time)."""
+        old = self.hosts.get(host)
+        if old is not None:
+            self._put(host, HostInventory(old.running, registered, old.at))
+
     def forget(self, host: str) -> None:
         self._put(host, None)
 
