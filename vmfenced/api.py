@@ -26,7 +26,6 @@ from vmfenced.protocol import (
 )
 from vmfenced.server import Peer
 
-
 # The state of a VM whose host does not answer: no fence of it can be confirmed.
 UNCONFIRMABLE = "unconfirmable"
 

@@ -87,7 +87,9 @@ def combinations(registrations: tuple[str, ...] = REGISTRATIONS) -> Iterator[tup
 
 def known_instances(combo: tuple[World, ...]) -> int:
     """Instances the daemon knows of: fresh ones, and believed ones where nothing is fresh."""
-    return sum(len(w.view.fresh if w.view.fresh is not None else w.view.latest or ()) for w in combo)
+    return sum(
+        len(w.view.fresh if w.view.fresh is not None else w.view.latest or ()) for w in combo
+    )
 
 
 def test_off_and_status_and_on_before_any_kill() -> None:
@@ -131,7 +133,7 @@ def test_off_and_status_and_on_before_any_kill() -> None:
 OUTCOMES = (None, *KillOutcome)
 
 
-@pytest.mark.parametrize("outcome", OUTCOMES, ids=lambda o: str(o))
+@pytest.mark.parametrize("outcome", OUTCOMES, ids=str)
 def test_after_a_kill(outcome: KillOutcome | None) -> None:
     """Views after the kill: the target host's listing (if any) was taken after it."""
     target = Located("esx1", instances("esx1", 1)[0])
