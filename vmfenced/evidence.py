@@ -106,7 +106,7 @@ class Evidence:
         self.seen.update(v.name for v in listing)
 
     async def _list_registered(self, host: Host) -> tuple[RegisteredVM, ...]:
-        registered = await host.list_registered(self._timeout())
+        registered = await host.list_registered(self._timeout(), urgent=True)
         if self._hosts.get(host.name) is host:
             self._map.update_registered(host.name, registered)
         self.seen.update(r.name for r in registered)

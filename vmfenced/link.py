@@ -315,6 +315,11 @@ class Lane:
 
     # -- commands ------------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """A command is running (or queued) on this lane now."""
+        return self._lock.locked()
+
     async def run(self, command: str, timeout: float) -> CommandResult:
         """Run one command on the warm shell; raise LinkDown/CommandTimeout/LinkError."""
         # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
