@@ -28,13 +28,16 @@ from vmfenced.link import Lane
 from vmfenced.metrics import Metrics, MetricsServer
 from vmfenced.model import LinkState, VMMap
 from vmfenced.notify import Notifier, watchdog_interval
-from vmfenced.protocol import FenceRequest, Request, VMStatusRequest
+from vmfenced.protocol import FenceRequest, Request, StatusRequest, VMStatusRequest
 from vmfenced.reload import ReloadPlan, load_keys, plan, prepare
 from vmfenced.server import Peer, SocketServer
-from vmfenced.watchdog import Watchdog, journal_flowing, socket_accepts
+from vmfenced.watchdog import Watchdog, journal_flowing, journal_writable, socket_accepts
 
 DEFAULT_CONFIG = Path("/etc/vmfenced/vmfenced.toml")
 READY_WAIT_CAP = 60.0
+# The longest a fence reply waits for its journal record: a hung disk delays a fence by this
+# much, then the reply goes out with a journal_warning (the record stays queued).
+RECORD_WAIT_S = 5.0
 BACKENDS: dict[str, Backend] = {
     "esxi": esxi.BACKEND,
     "libvirt": libvirt.BACKEND,
@@ -101,6 +104,7 @@ class Daemon:
             self.hostset.request_running,
         )
         self.metrics = Metrics(self.hosts, self.map, lambda: len(self.fencer.inflight()))
+        self.metrics.watch_journal(self.journal.state)
         self._metrics_server: MetricsServer | None = None
         self.api = Api(self.fencer, self.hosts, self.map, self)
         self.server = SocketServer(
@@ -178,6 +182,8 @@ class Daemon:
         for host in built:
             self.hostset.activate(host)
         self.hostset.start_all(built)
+        # Records a full disk refused land once it has room, even when no fence comes.
+        self._spawn(self.journal.keep_retrying(), "journal-retry")
         self._start_watchdog()
         self._log.info("listening", socket=str(self.config.daemon.socket), hosts=len(self.hosts))
         connect = max(self.config.ssh_for(h).connect_timeout for h in self.config.hosts)
@@ -207,6 +213,9 @@ class Daemon:
                 socket_accepts(self.config.daemon.socket),
                 journal_flowing(self.journal.stuck_for, interval / 2),
             ],
+            # Reported, never withholding the ping: a restart cannot free the disk, and a
+            # daemon restarting in a loop would leave the cluster unable to fence.
+            reports=[journal_writable(self.journal.state)],
         )
         self._log.info("watchdog on", interval_s=interval, ping_every_s=watchdog.period)
         self._spawn(watchdog.run(), "watchdog")
@@ -259,7 +268,10 @@ class Daemon:
             self._busy += 1
             self._quiet.clear()
         try:
-            return await self.api.handle(request, peer)
+            result = await self.api.handle(request, peer)
+            if isinstance(request, StatusRequest):
+                result["journal"] = self.journal.state()
+            return result
         finally:
             if counted:
                 self._busy -= 1
@@ -283,14 +295,26 @@ class Daemon:
 
     # -- DaemonOps: what the API asks of the daemon ---------------------------------------------
 
-    async def record(self, entry: FenceEntry) -> None:
+    async def record(self, entry: FenceEntry) -> str | None:
         self.metrics.observe_fence(entry.action, entry.result, (entry.total_ms or 0) / 1000)
+        written = asyncio.wrap_future(self.journal.submit(entry.record()))
+        written.add_done_callback(_retrieve)  # also when this wait gives up or is cancelled
         try:
-            await self.journal.append(entry.record())
+            async with asyncio.timeout(RECORD_WAIT_S):
+                await asyncio.shield(written)
         except JournalError as exc:
             # The fence happened: its reply must not be lost because the audit trail was.
-            self.metrics.journal_errors.inc()
-            self._log.error("fence not journaled", vm=entry.vm, host=entry.host, reason=exc.reason)
+            warning = exc.warning
+        except TimeoutError:
+            warning = (
+                f"fence record not on disk after {RECORD_WAIT_S:g} s "
+                "(the journal's disk is slow or hung); still queued"
+            )
+        else:
+            return None
+        self.metrics.journal_errors.inc()
+        self._log.error("fence not journaled", vm=entry.vm, host=entry.host, warning=warning)
+        return warning
 
     def record_nowait(self, entry: FenceEntry) -> None:
         self.metrics.observe_fence(entry.action, entry.result, (entry.total_ms or 0) / 1000)
@@ -298,7 +322,12 @@ class Daemon:
 
     async def history(self, vm: str | None, since: float | None, limit: int) -> dict[str, Any]:
         entries, skipped = await self.journal.read(vm, since, limit)
-        return {"entries": entries, "skipped": skipped, "journal": str(self.journal.path)}
+        return {
+            "entries": entries,
+            "skipped": skipped,
+            "journal": str(self.journal.path),
+            "journal_state": self.journal.state(),  # records still waiting in memory
+        }
 
     def metrics_text(self) -> str:
         return self.metrics.render().decode()
@@ -387,6 +416,13 @@ class Daemon:
         if old_metrics is not None and old_metrics is not new_metrics:
             await old_metrics.close()
         return applied
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    # A record's outcome nobody awaits any more (the journal logs its failures): retrieved,
+    # so asyncio does not report it as lost.
+    if not future.cancelled():
+        future.exception()
 
 
 async def _serve(
