@@ -23,7 +23,7 @@ from vmfenced.errors import ConfigError, StartupError
 from vmfenced.fence import Fencer
 from vmfenced.host import Host
 from vmfenced.hostset import STARTUP_HOSTS_AT_ONCE, HostSet
-from vmfenced.journal import FenceEntry, Journal, JournalError
+from vmfenced.journal import FenceEntry, Journal
 from vmfenced.link import Lane
 from vmfenced.metrics import Metrics, MetricsServer
 from vmfenced.model import LinkState, VMMap
@@ -297,20 +297,9 @@ class Daemon:
 
     async def record(self, entry: FenceEntry) -> str | None:
         self.metrics.observe_fence(entry.action, entry.result, (entry.total_ms or 0) / 1000)
-        written = asyncio.wrap_future(self.journal.submit(entry.record()))
-        written.add_done_callback(_retrieve)  # also when this wait gives up or is cancelled
-        try:
-            async with asyncio.timeout(RECORD_WAIT_S):
-                await asyncio.shield(written)
-        except JournalError as exc:
-            # The fence happened: its reply must not be lost because the audit trail was.
-            warning = exc.warning
-        except TimeoutError:
-            warning = (
-                f"fence record not on disk after {RECORD_WAIT_S:g} s "
-                "(the journal's disk is slow or hung); still queued"
-            )
-        else:
+        # The fence happened: its reply must not be lost, nor wait long, for the audit trail.
+        warning = await self.journal.write_within(entry.record(), RECORD_WAIT_S)
+        if warning is None:
             return None
         self.metrics.journal_errors.inc()
         self._log.error("fence not journaled", vm=entry.vm, host=entry.host, warning=warning)
@@ -416,13 +405,6 @@ class Daemon:
         if old_metrics is not None and old_metrics is not new_metrics:
             await old_metrics.close()
         return applied
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    # A record's outcome nobody awaits any more (the journal logs its failures): retrieved,
-    # so asyncio does not report it as lost.
-    if not future.cancelled():
-        future.exception()
 
 
 async def _serve(

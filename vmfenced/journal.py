@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from vmfenced.errors import StartupError, VmfencedError
-from vmfenced.journal_read import FILE_NAME, MAX_KEEP, VERSION, read, rotated
+from vmfenced.journal_records import FILE_NAME, MAX_KEEP, FenceEntry, encode, read, rotated
 
 __all__ = ["FILE_NAME", "FenceEntry", "Journal", "JournalError", "encode", "read"]
 
@@ -63,53 +60,6 @@ class JournalError(VmfencedError):
         if self.dropped:
             text += f"; {self.dropped} older record(s) dropped since the daemon started"
         return text
-
-
-@dataclass(frozen=True, slots=True)
-class FenceEntry:
-    """One fence request and what came of it."""
-
-    t: float  # Unix time the request arrived
-    peer_uid: int | None
-    peer_pid: int | None
-    request_id: str | int | None
-    vm: str  # as the client named it (alias or VM name)
-    target: str  # the VM display name it resolved to
-    action: str
-    result: str  # the outcome (killed, already_off...) or failed, unknown_vm, cancelled, error
-    ok: bool
-    host: str | None = None
-    cartel: int | None = None
-    reason: str | None = None  # why it failed, or the warning of a success
-    joined: bool = False
-    elapsed_ms: float | None = None  # the fence itself, as the fencer timed it
-    total_ms: float | None = None  # request received -> record written
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "v": VERSION,
-            "time": datetime.fromtimestamp(self.t, UTC).isoformat(timespec="milliseconds"),
-            "t": round(self.t, 6),
-            "peer": {"uid": self.peer_uid, "pid": self.peer_pid},
-            "id": self.request_id,
-            "vm": self.vm,
-            "target": self.target,
-            "action": self.action,
-            "result": self.result,
-            "ok": self.ok,
-            "host": self.host,
-            "cartel": self.cartel,
-            "reason": self.reason,
-            "joined": self.joined,
-            "elapsed_ms": self.elapsed_ms,
-            "total_ms": self.total_ms,
-            "daemon_pid": os.getpid(),
-        }
-
-
-def encode(record: dict[str, Any]) -> bytes:
-    # ensure_ascii: a line is never split by a multi-byte character at a torn write.
-    return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 
 class Journal:
@@ -214,6 +164,23 @@ class Journal:
     async def append(self, record: dict[str, Any]) -> None:
         """Return once the record is on disk (written and fdatasync'ed); raise JournalError."""
         await asyncio.wrap_future(self.submit(record))
+
+    async def write_within(self, record: dict[str, Any], wait: float) -> str | None:
+        """Queue the record and wait at most `wait` s for the disk: None once it is on disk,
+        else the warning a fence reply carries (the record stays queued or in the backlog)."""
+        written = asyncio.wrap_future(self.submit(record))
+        written.add_done_callback(_retrieve)  # also when this wait gives up or is cancelled
+        try:
+            async with asyncio.timeout(wait):
+                await asyncio.shield(written)
+        except JournalError as exc:
+            return exc.warning
+        except TimeoutError:
+            return (
+                f"fence record not on disk after {wait:g} s (the journal's disk is slow or "
+                "hung); still queued"
+            )
+        return None
 
     def submit(self, record: dict[str, Any]) -> Future[None]:
         """Queue the record without waiting (a shutdown's cancelled fences still get written)."""
@@ -389,6 +356,13 @@ def _last_byte(path: Path) -> bytes:
     with path.open("rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    # An outcome nobody awaits any more (the journal logs failures): retrieved, so asyncio
+    # does not report it as lost.
+    if not future.cancelled():
+        future.exception()
 
 
 def _reason(exc: OSError) -> str:

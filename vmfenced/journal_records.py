@@ -1,4 +1,5 @@
-"""Reading the fence journal: the rotated files then the current one, oldest first.
+"""The fence journal's records: one JSON line each, and reading them back from the rotated
+files then the current one, oldest first.
 
 Every line that is not a whole record (torn by a crash or a full disk, not JSON, another
 version) is skipped and counted, never fatal.
@@ -8,14 +9,64 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 FILE_NAME = "fences.jsonl"
 VERSION = 1
 MAX_KEEP = 100  # the config's upper bound on journal_keep
+
+
+@dataclass(frozen=True, slots=True)
+class FenceEntry:
+    """One fence request and what came of it."""
+
+    t: float  # Unix time the request arrived
+    peer_uid: int | None
+    peer_pid: int | None
+    request_id: str | int | None
+    vm: str  # as the client named it (alias or VM name)
+    target: str  # the VM display name it resolved to
+    action: str
+    result: str  # the outcome (killed, already_off...) or failed, unknown_vm, cancelled, error
+    ok: bool
+    host: str | None = None
+    cartel: int | None = None
+    reason: str | None = None  # why it failed, or the warning of a success
+    joined: bool = False
+    elapsed_ms: float | None = None  # the fence itself, as the fencer timed it
+    total_ms: float | None = None  # request received -> record written
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "time": datetime.fromtimestamp(self.t, UTC).isoformat(timespec="milliseconds"),
+            "t": round(self.t, 6),
+            "peer": {"uid": self.peer_uid, "pid": self.peer_pid},
+            "id": self.request_id,
+            "vm": self.vm,
+            "target": self.target,
+            "action": self.action,
+            "result": self.result,
+            "ok": self.ok,
+            "host": self.host,
+            "cartel": self.cartel,
+            "reason": self.reason,
+            "joined": self.joined,
+            "elapsed_ms": self.elapsed_ms,
+            "total_ms": self.total_ms,
+            "daemon_pid": os.getpid(),
+        }
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    # ensure_ascii: a line is never split by a multi-byte character at a torn write.
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 
 def read(
