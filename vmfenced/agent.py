@@ -102,6 +102,9 @@ def _fence(client: Client, opts: Options, rep: Reporter, action: str) -> FenceRe
         raise ProtocolViolation(f"fence {action} answered {result.action}/{result.outcome}")
     if result.warning:
         rep.warn(result.warning)
+    if result.journal_warning:
+        # The fence is done: the exit code says so. Pacemaker logs this line for the audit.
+        rep.warn(f"vmfenced: {result.journal_warning}")
     return result
 
 

@@ -41,8 +41,9 @@ class DaemonOps(Protocol):
 
     def metrics_text(self) -> str: ...
 
-    async def record(self, entry: FenceEntry) -> None:
-        """Make the fence record durable before the reply goes out (never raises)."""
+    async def record(self, entry: FenceEntry) -> str | None:
+        """Make the fence record durable before the reply goes out, within a bounded wait;
+        never raises. None when it is on disk, else the warning the reply carries."""
         ...
 
     def record_nowait(self, entry: FenceEntry) -> None: ...
@@ -124,7 +125,7 @@ class Api:
         except Exception as exc:
             await self._record(entry.failed("error", f"{type(exc).__name__}: {exc}", start))
             raise
-        await self._record(entry.done(result, joined, start))
+        journal_warning = await self._record(entry.done(result, joined, start))
         out: dict[str, Any] = {
             "vm": result.vm,
             "action": result.action,
@@ -136,11 +137,13 @@ class Api:
         }
         if result.warning:
             out["warning"] = result.warning
+        if journal_warning:
+            # The fence happened: a record the disk refused is said, never a failure.
+            out["journal_warning"] = journal_warning
         return out
 
-    async def _record(self, entry: FenceEntry) -> None:
-        if self._ops is not None:
-            await self._ops.record(entry)
+    async def _record(self, entry: FenceEntry) -> str | None:
+        return None if self._ops is None else await self._ops.record(entry)
 
     def status(self) -> dict[str, Any]:
         hosts = []

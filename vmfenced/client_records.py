@@ -108,15 +108,45 @@ class VmInfo(Record):
         self.cartel: Final = cartel
 
 
-class StatusResult(Record):
-    __slots__ = _fields = ("daemon", "hosts", "vms")
+class JournalInfo(Record):
+    """The fence journal's health: `ok`, or `failing` since `since` with `error`."""
+
+    __slots__ = _fields = ("path", "state", "error", "since", "backlog", "backlog_max", "dropped")
 
     def __init__(
-        self, daemon: DaemonInfo, hosts: tuple[HostInfo, ...], vms: tuple[VmInfo, ...]
+        self,
+        *,
+        path: str,
+        state: str,
+        error: str | None,
+        since: float | None,
+        backlog: int,
+        backlog_max: int,
+        dropped: int,
+    ) -> None:
+        self.path: Final = path
+        self.state: Final = state
+        self.error: Final = error
+        self.since: Final = since  # Unix time of the first failed write
+        self.backlog: Final = backlog  # records waiting in memory
+        self.backlog_max: Final = backlog_max
+        self.dropped: Final = dropped  # records lost to a full backlog since the daemon started
+
+
+class StatusResult(Record):
+    __slots__ = _fields = ("daemon", "hosts", "vms", "journal")
+
+    def __init__(
+        self,
+        daemon: DaemonInfo,
+        hosts: tuple[HostInfo, ...],
+        vms: tuple[VmInfo, ...],
+        journal: JournalInfo | None = None,  # None from daemons older than the backlog
     ) -> None:
         self.daemon: Final = daemon
         self.hosts: Final = hosts
         self.vms: Final = vms
+        self.journal: Final = journal
 
 
 class VmState(Record):
@@ -139,6 +169,7 @@ class FenceResult(Record):
         "elapsed_ms",
         "joined",
         "warning",
+        "journal_warning",
     )
 
     def __init__(
@@ -152,6 +183,7 @@ class FenceResult(Record):
         elapsed_ms: float | None,
         joined: bool,
         warning: str | None = None,
+        journal_warning: str | None = None,
     ) -> None:
         self.vm: Final = vm
         self.action: Final = action
@@ -161,6 +193,8 @@ class FenceResult(Record):
         self.elapsed_ms: Final = elapsed_ms
         self.joined: Final = joined
         self.warning: Final = warning
+        # The fence succeeded but its journal record is not on disk (yet): never a failure.
+        self.journal_warning: Final = journal_warning
 
 
 class ReloadResult(Record):
@@ -247,11 +281,17 @@ class HistoryEntry(Record):
 
 
 class HistoryResult(Record):
-    __slots__ = _fields = ("entries", "skipped", "journal")
+    __slots__ = _fields = ("entries", "skipped", "journal", "journal_state")
 
     def __init__(
-        self, entries: tuple[HistoryEntry, ...], skipped: int, journal: str | None
+        self,
+        entries: tuple[HistoryEntry, ...],
+        skipped: int,
+        journal: str | None,
+        journal_state: JournalInfo | None = None,
     ) -> None:
         self.entries: Final = entries
         self.skipped: Final = skipped
         self.journal: Final = journal
+        # The entries are what is on disk; this says what still waits in memory.
+        self.journal_state: Final = journal_state

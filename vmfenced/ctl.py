@@ -41,6 +41,7 @@ from vmfenced.client import (
     parse_vm_status,
     vm_name_problem,
 )
+from vmfenced.client_records import JournalInfo
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing would cost every vmfencectl call its import time; only mypy needs it
@@ -190,7 +191,10 @@ def _address_column(h: HostInfo) -> str:
 def render_status(result: JsonObject, now: float) -> str:
     status = parse_status(result)
     d = status.daemon
-    head = f"vmfenced {_clean(d.version)}, pid {d.pid}, up {format_age(d.uptime_s)}\n\n"
+    head = f"vmfenced {_clean(d.version)}, pid {d.pid}, up {format_age(d.uptime_s)}\n"
+    if status.journal is not None:
+        head += f"journal {_journal_line(status.journal, now)}\n"
+    head += "\n"
     hosts = table(
         ("HOST", "ADDRESS", "STATE", "SINCE", "RTT", "INVENTORY", "VMS", "REASON"),
         [
@@ -218,6 +222,18 @@ def render_status(result: JsonObject, now: float) -> str:
             "confirmed.\nCheck that host (power, network); once you know the VM is down, "
             "confirm it by hand: stonith_admin --confirm NODE\n"
         )
+    return text
+
+
+def _journal_line(j: JournalInfo, now: float) -> str:
+    if j.state == "ok":
+        text = f"ok, {_clean(j.path)}"
+    else:
+        since = "" if j.since is None else f" for {format_age(now - j.since)}"
+        text = f"FAILING{since}: {_clean(j.error)}; {j.backlog} fence record(s) wait in memory"
+        text += f" (at most {j.backlog_max})"
+    if j.dropped:
+        text += f"; {j.dropped} record(s) dropped (backlog full): see the daemon's log"
     return text
 
 
@@ -249,6 +265,8 @@ def render_fence(result: JsonObject) -> str:
     text = " ".join(parts) + "\n"
     if f.warning:
         text += f"warning: {_clean(f.warning)}\n"
+    if f.journal_warning:
+        text += f"journal warning: {_clean(f.journal_warning)}\n"
     return text
 
 
@@ -274,7 +292,7 @@ def _utc(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def render_history(result: JsonObject) -> str:
+def render_history(result: JsonObject, now: float) -> str:
     h = parse_history(result)
     rows = []
     for e in h.entries:
@@ -299,6 +317,9 @@ def render_history(result: JsonObject) -> str:
     )
     if h.skipped:
         text += f"({h.skipped} unreadable journal line(s) skipped, e.g. torn by a crash)\n"
+    j = h.journal_state
+    if j is not None and (j.backlog or j.state != "ok" or j.dropped):
+        text += f"(journal {_journal_line(j, now)}: not listed above)\n"
     return text
 
 
@@ -337,7 +358,7 @@ def _render(args: argparse.Namespace, result: JsonObject, now: float) -> str:
     if args.command == "reload":
         return render_reload(result)
     if args.command == "history":
-        return render_history(result)
+        return render_history(result, now)
     return render_fence(result)
 
 

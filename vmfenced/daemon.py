@@ -23,18 +23,21 @@ from vmfenced.errors import ConfigError, StartupError
 from vmfenced.fence import Fencer
 from vmfenced.host import Host
 from vmfenced.hostset import STARTUP_HOSTS_AT_ONCE, HostSet
-from vmfenced.journal import FenceEntry, Journal, JournalError
+from vmfenced.journal import FenceEntry, Journal
 from vmfenced.link import Lane
 from vmfenced.metrics import Metrics, MetricsServer
 from vmfenced.model import LinkState, VMMap
 from vmfenced.notify import Notifier, watchdog_interval
-from vmfenced.protocol import FenceRequest, Request, VMStatusRequest
+from vmfenced.protocol import FenceRequest, Request, StatusRequest, VMStatusRequest
 from vmfenced.reload import ReloadPlan, load_keys, plan, prepare
 from vmfenced.server import Peer, SocketServer
-from vmfenced.watchdog import Watchdog, journal_flowing, socket_accepts
+from vmfenced.watchdog import Watchdog, journal_flowing, journal_writable, socket_accepts
 
 DEFAULT_CONFIG = Path("/etc/vmfenced/vmfenced.toml")
 READY_WAIT_CAP = 60.0
+# The longest a fence reply waits for its journal record: a hung disk delays a fence by this
+# much, then the reply goes out with a journal_warning (the record stays queued).
+RECORD_WAIT_S = 5.0
 BACKENDS: dict[str, Backend] = {
     "esxi": esxi.BACKEND,
     "libvirt": libvirt.BACKEND,
@@ -102,6 +105,7 @@ class Daemon:
             on_timeout=config.daemon.on_timeout,
         )
         self.metrics = Metrics(self.hosts, self.map, lambda: len(self.fencer.inflight()))
+        self.metrics.watch_journal(self.journal.state)
         self._metrics_server: MetricsServer | None = None
         self.api = Api(self.fencer, self.hosts, self.map, self)
         self.server = SocketServer(
@@ -179,6 +183,8 @@ class Daemon:
         for host in built:
             self.hostset.activate(host)
         self.hostset.start_all(built)
+        # Records a full disk refused land once it has room, even when no fence comes.
+        self._spawn(self.journal.keep_retrying(), "journal-retry")
         self._start_watchdog()
         self._log.info("listening", socket=str(self.config.daemon.socket), hosts=len(self.hosts))
         connect = max(self.config.ssh_for(h).connect_timeout for h in self.config.hosts)
@@ -208,6 +214,9 @@ class Daemon:
                 socket_accepts(self.config.daemon.socket),
                 journal_flowing(self.journal.stuck_for, interval / 2),
             ],
+            # Reported, never withholding the ping: a restart cannot free the disk, and a
+            # daemon restarting in a loop would leave the cluster unable to fence.
+            reports=[journal_writable(self.journal.state)],
         )
         self._log.info("watchdog on", interval_s=interval, ping_every_s=watchdog.period)
         self._spawn(watchdog.run(), "watchdog")
@@ -260,7 +269,10 @@ class Daemon:
             self._busy += 1
             self._quiet.clear()
         try:
-            return await self.api.handle(request, peer)
+            result = await self.api.handle(request, peer)
+            if isinstance(request, StatusRequest):
+                result["journal"] = self.journal.state()
+            return result
         finally:
             if counted:
                 self._busy -= 1
@@ -284,14 +296,15 @@ class Daemon:
 
     # -- DaemonOps: what the API asks of the daemon ---------------------------------------------
 
-    async def record(self, entry: FenceEntry) -> None:
+    async def record(self, entry: FenceEntry) -> str | None:
         self.metrics.observe_fence(entry.action, entry.result, (entry.total_ms or 0) / 1000)
-        try:
-            await self.journal.append(entry.record())
-        except JournalError as exc:
-            # The fence happened: its reply must not be lost because the audit trail was.
-            self.metrics.journal_errors.inc()
-            self._log.error("fence not journaled", vm=entry.vm, host=entry.host, reason=exc.reason)
+        # The fence happened: its reply must not be lost, nor wait long, for the audit trail.
+        warning = await self.journal.write_within(entry.record(), RECORD_WAIT_S)
+        if warning is None:
+            return None
+        self.metrics.journal_errors.inc()
+        self._log.error("fence not journaled", vm=entry.vm, host=entry.host, warning=warning)
+        return warning
 
     def record_nowait(self, entry: FenceEntry) -> None:
         self.metrics.observe_fence(entry.action, entry.result, (entry.total_ms or 0) / 1000)
@@ -299,7 +312,12 @@ class Daemon:
 
     async def history(self, vm: str | None, since: float | None, limit: int) -> dict[str, Any]:
         entries, skipped = await self.journal.read(vm, since, limit)
-        return {"entries": entries, "skipped": skipped, "journal": str(self.journal.path)}
+        return {
+            "entries": entries,
+            "skipped": skipped,
+            "journal": str(self.journal.path),
+            "journal_state": self.journal.state(),  # records still waiting in memory
+        }
 
     def metrics_text(self) -> str:
         return self.metrics.render().decode()

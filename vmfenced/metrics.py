@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -59,13 +60,17 @@ class Metrics:
         )
         self.journal_errors = Counter(
             "vmfenced_journal_errors",
-            "Fence records that could not be written to the journal",
+            "Fence records not on disk when their reply went out (kept in memory, or a hung disk)",
             registry=self.registry,
         )
         self._connects: dict[tuple[str, str], int] = {}
         self._live = _Live(hosts, vmmap, inflight, self._connects)
         self.registry.register(self._live)
         ProcessCollector(registry=self.registry)
+
+    def watch_journal(self, state: Callable[[], Mapping[str, Any]]) -> None:
+        """Read the fence journal's backlog and drops (`Journal.state()`) at scrape time."""
+        self.registry.register(_JournalGauges(state))
 
     def lane_changed(self, host: Host, lane: Lane) -> None:
         if lane.state is LinkState.UP:
@@ -136,6 +141,31 @@ class _Live:
         yield from (hosts, links, reconnects, age, running)
         yield GaugeMetricFamily(
             "vmfenced_fences_in_flight", "Fences running now", value=self._inflight()
+        )
+
+
+class _JournalGauges:
+    """The fence journal's health, read from `Journal.state()` when scraped."""
+
+    def __init__(self, state: Callable[[], Mapping[str, Any]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterable[Metric]:
+        state = self._state()
+        yield GaugeMetricFamily(
+            "vmfenced_journal_writable",
+            "1 while the fence journal takes records, 0 while writes fail (records wait in memory)",
+            value=1 if state.get("state") == "ok" else 0,
+        )
+        yield GaugeMetricFamily(
+            "vmfenced_journal_backlog",
+            "Fence records waiting in memory for the journal's disk",
+            value=state.get("backlog", 0),
+        )
+        yield CounterMetricFamily(
+            "vmfenced_journal_dropped_records",
+            "Fence records dropped from a full in-memory backlog (their text is in the log)",
+            value=state.get("dropped", 0),
         )
 
 

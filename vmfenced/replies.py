@@ -14,6 +14,7 @@ from vmfenced.client_records import (
     HistoryEntry,
     HistoryResult,
     HostInfo,
+    JournalInfo,
     ReloadResult,
     StatusResult,
     VmInfo,
@@ -89,6 +90,26 @@ def _vm(obj: JsonObject, where: str) -> VmInfo:
     )
 
 
+def _journal(result: JsonObject, key: str, where: str) -> JournalInfo | None:
+    """The journal's state; absent (None) from daemons older than its backlog."""
+    if result.get(key) is None:
+        return None
+    journal: JsonObject = _get(result, key, dict, where)
+    where = f"{where} {key}"
+    state = _str(journal, "state", where)
+    if state not in ("ok", "failing"):
+        raise ProtocolViolation(f"{where}: state {state!r} is neither 'ok' nor 'failing'")
+    return JournalInfo(
+        path=_str(journal, "path", where),
+        state=state,
+        error=_opt_str(journal, "error", where),
+        since=_opt_num(journal, "since", where),
+        backlog=_int(journal, "backlog", where),
+        backlog_max=_int(journal, "backlog_max", where),
+        dropped=_int(journal, "dropped", where),
+    )
+
+
 def parse_status(result: JsonObject) -> StatusResult:
     daemon: JsonObject = _get(result, "daemon", dict, "status")
     hosts = tuple(
@@ -116,6 +137,7 @@ def parse_status(result: JsonObject) -> StatusResult:
         ),
         hosts=hosts,
         vms=tuple(_vm(v, "status vm") for v in _objects(result, "vms", "status")),
+        journal=_journal(result, "journal", "status"),
     )
 
 
@@ -184,6 +206,7 @@ def parse_history(result: JsonObject) -> HistoryResult:
         entries=tuple(_history_entry(e) for e in _objects(result, "entries", "history")),
         skipped=skipped if isinstance(skipped, int) and not isinstance(skipped, bool) else 0,
         journal=_opt_str(result, "journal", "history"),
+        journal_state=_journal(result, "journal_state", "history"),
     )
 
 
@@ -205,4 +228,5 @@ def parse_fence(result: JsonObject) -> FenceResult:
         elapsed_ms=_opt_num(result, "elapsed_ms", "fence"),
         joined=joined,
         warning=_opt_str(result, "warning", "fence"),
+        journal_warning=_opt_str(result, "journal_warning", "fence"),
     )

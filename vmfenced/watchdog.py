@@ -4,14 +4,20 @@ The ping comes from a task on the loop, so a loop that is blocked or starved sto
 by itself. On top of that each tick runs self-checks (loop lag, the socket still accepting
 connections, the journal's disk not hung); one failing check skips the ping, and systemd
 restarts the daemon (Restart=on-failure) once WatchdogSec passes without one.
+
+Reports are self-checks that are logged but never skip the ping: what a restart cannot cure
+and a restart would make worse. A fence journal that cannot be written (a full or read-only
+/var/lib) is one: the records wait in memory, fences go on, and a daemon restarted in a loop
+by its watchdog could fence nothing. It shows in `vmfencectl status`, the log and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -22,14 +28,22 @@ Check = Callable[[], Awaitable[str | None]]
 
 
 class Watchdog:
-    def __init__(self, notifier: Notifier, interval: float, checks: Sequence[Check]) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        interval: float,
+        checks: Sequence[Check],
+        reports: Sequence[Check] = (),
+    ) -> None:
         self.interval = interval
         self.period = interval / 2
         # More lag than this and the loop could miss a fence's deadline: not healthy.
         self.max_lag = max(0.5, interval / 4)
         self._notifier = notifier
         self._checks = list(checks)
+        self._reports = list(reports)
         self._problem: str | None = None
+        self._degraded: dict[int, str] = {}  # report index -> what it said last
         self._log = structlog.get_logger("vmfenced.watchdog")
 
     async def run(self) -> None:
@@ -56,10 +70,34 @@ class Watchdog:
             else:
                 self._log.error("unhealthy: watchdog ping withheld", problem=problem)
             self._problem = problem
+        await self._report()
         if problem is not None:
             self._log.debug("watchdog ping withheld", problem=problem)
             return False
         return self._notifier.watchdog()
+
+    async def _report(self) -> None:
+        """Run the reports; log each change (they never withhold the ping)."""
+        for index, report in enumerate(self._reports):
+            try:
+                async with asyncio.timeout(self.max_lag):
+                    said = await report()
+            except TimeoutError:
+                said = f"self-check {getattr(report, '__name__', 'report')} did not finish"
+            before = self._degraded.get(index)
+            if said == before:
+                continue
+            if said is None:
+                self._degraded.pop(index)
+                self._log.info("degraded no more", was=before)
+            else:
+                self._degraded[index] = said
+                self._log.error("degraded: watchdog ping still sent", problem=said)
+
+    @property
+    def degraded(self) -> list[str]:
+        """What the reports say is wrong now."""
+        return list(self._degraded.values())
 
 
 def socket_accepts(path: Path) -> Check:
@@ -86,3 +124,16 @@ def journal_flowing(stuck_for: Callable[[], float], bound: float) -> Check:
         return None if waited <= bound else f"a journal write has waited {waited:.1f} s"
 
     return journal_flowing
+
+
+def journal_writable(state: Callable[[], Mapping[str, Any]]) -> Check:
+    """A report: the fence journal takes records (`Journal.state()`), or why it does not."""
+
+    async def journal_writable() -> str | None:
+        now = state()
+        if now.get("state") == "ok":
+            return None
+        # The reason only, not the counts: a change of reason is news, a longer backlog is not.
+        return f"fence journal failing: {now.get('error')}; fence records wait in memory"
+
+    return journal_writable
