@@ -62,6 +62,7 @@ class HostInfo(Record):
         "vm_count",
         "fence_address",
         "inventory_address",
+        "listing_problem",
     )
 
     def __init__(
@@ -79,6 +80,7 @@ class HostInfo(Record):
         vm_count: int,
         fence_address: str | None = None,
         inventory_address: str | None = None,
+        listing_problem: str | None = None,
     ) -> None:
         self.name: Final = name
         self.address: Final = address
@@ -93,6 +95,8 @@ class HostInfo(Record):
         # Address the fence lane reaches now (a fallback when the primary is unreachable).
         self.fence_address: Final = fence_address
         self.inventory_address: Final = inventory_address
+        # Why the host's process listing fails while its link is up (fences needing it fail).
+        self.listing_problem: Final = listing_problem
 
 
 class VmInfo(Record):

@@ -188,6 +188,10 @@ def _address_column(h: HostInfo) -> str:
     return text
 
 
+def _listing(problem: str | None) -> str | None:
+    return None if problem is None else f"listing fails: {problem}"
+
+
 def render_status(result: JsonObject, now: float) -> str:
     status = parse_status(result)
     d = status.daemon
@@ -206,7 +210,7 @@ def render_status(result: JsonObject, now: float) -> str:
                 "-" if h.rtt_ms is None else f"{h.rtt_ms:.2f} ms",
                 "-" if h.inventory_age_s is None else format_age(h.inventory_age_s) + " ago",
                 h.vm_count,
-                h.reason if h.state != "up" else None,
+                h.reason if h.state != "up" else _listing(h.listing_problem),
             )
             for h in status.hosts
         ],

@@ -43,6 +43,9 @@ class Host:
         self.name = config.name
         self.backend = backend
         self.rtt: float | None = None
+        # Why the latest process listing failed on a host that answers (an unreadable name, a
+        # process that cannot be judged): fences that need this host fail until it clears.
+        self.listing_problem: str | None = None
 
         def listener(lane: Lane) -> None:
             on_change(self, lane)
@@ -89,11 +92,16 @@ class Host:
                 failures.append(f"{listing.command!r} exited {result.status}")
                 continue
             try:
-                return listing.parse(result.output)
+                running = listing.parse(result.output)
             except ParseError as exc:
                 failures.append(str(exc))
+                continue
+            self.listing_problem = None
+            return running
         self._log.warning("no listing worked", failures=failures)
-        raise LinkError(self.name, lane.name, "cannot list running VMs: " + "; ".join(failures))
+        reason = "cannot list running VMs: " + "; ".join(failures)
+        self.listing_problem = reason
+        raise LinkError(self.name, lane.name, reason)
 
     async def list_registered(
         self, timeout: float, *, urgent: bool = False
@@ -170,6 +178,7 @@ class Host:
             "state": fence.state.value,
             "since": fence.since,
             "reason": fence.reason,
+            "listing_problem": self.listing_problem,
             "lanes": {"fence": fence.state.value, "inventory": self.inventory.state.value},
             # Which of the host's addresses each lane reaches now (None while not connected).
             "connected_address": {

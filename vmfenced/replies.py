@@ -126,6 +126,7 @@ def parse_status(result: JsonObject) -> StatusResult:
             vm_count=_int(h, "vm_count", "status host"),
             fence_address=_lane_address(h, "fence"),
             inventory_address=_lane_address(h, "inventory"),
+            listing_problem=_opt_str(h, "listing_problem", "status host"),
         )
         for h in _objects(result, "hosts", "status")
     )

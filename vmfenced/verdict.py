@@ -134,7 +134,7 @@ def _unanswered_risk(views: Sequence[HostView], vm: str) -> Decision | None:
         if view.latest is None:
             return _fail(
                 f"cannot rule out an instance on {view.host}: {why}, and it has not answered "
-                f"a complete listing since it was connected; {_ADVICE}",
+                f"a complete listing since vmfenced started (or a reload replaced it); {_ADVICE}",
                 view.host,
             )
         if view.latest:
