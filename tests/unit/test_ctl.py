@@ -68,6 +68,22 @@ def test_status_table(daemon: FakeDaemon) -> None:
     assert daemon.requests == [{"op": "status", "id": 1}]
 
 
+def test_status_says_which_vms_are_unconfirmable_and_why_a_listing_fails(
+    daemon: FakeDaemon,
+) -> None:
+    result = status_result(
+        host("esx1", listing_problem="cannot list running VMs: a VM name holds U+2028"),
+        host("esx2", "down"),
+    )
+    result["vms"] = [vm("gfs-node2", "node2", "esx2", "unconfirmable")]
+    daemon.set("status", Ok(result))
+    code, out, _ = ctl(daemon, "status")
+    assert code == 0
+    assert "listing fails: cannot list running VMs: a VM name holds U+2028" in out
+    assert "gfs-node2  node2  esx2  unconfirmable  -" in out
+    assert "stonith_admin --confirm NODE" in out
+
+
 def test_status_json_is_the_result_with_sorted_keys(daemon: FakeDaemon) -> None:
     daemon.set("status", Ok(status_result()))
     code, out, _ = ctl(daemon, "status", "--json")
