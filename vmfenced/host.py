@@ -86,10 +86,11 @@ class Host:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         failures = []
-        for listing in self.backend.listings:
+        for number, listing in enumerate(self.backend.listings, 1):
             result = await lane.run(listing.command, deadline - loop.time())
             if result.status != 0:
-                failures.append(f"{listing.command!r} exited {result.status}")
+                # The scripts say why on their last lines (`vmf:doubt ...`); their text is long.
+                failures.append(f"listing {number} exited {result.status}: {_tail(result)}")
                 continue
             try:
                 running = listing.parse(result.output)
