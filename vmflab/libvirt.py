@@ -188,6 +188,15 @@ class LibvirtHost:
         argv = ssh_argv(self._ssh, self.address, self.port, command)
         return run_ssh(argv, self.name, command, check=check, timeout=timeout)
 
+    def ssh_exact(self, command: str, *, timeout: float = 30) -> tuple[int, str]:
+        """Exit status and stdout exactly as sent: ``ssh`` reads text with universal newlines,
+        which turns a CR (which a domain name may hold) into a line break."""
+        argv = ssh_argv(self._ssh, self.address, self.port, command)
+        result = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+        return result.returncode, result.stdout.decode("utf-8", "surrogateescape")
+
     def virsh(self, *args: str, check: bool = True) -> str:
         command = shlex.join(["virsh", "-c", "qemu:///system", *args])
         return self.ssh(command, check=check).stdout
@@ -242,13 +251,16 @@ class LibvirtHost:
     def vm_pids(self) -> dict[str, int]:
         """Running domains as libvirtd reports them, with their qemu PID (from the pid file);
         a domain whose pid file is already gone (libvirtd cleaning up after a kill) is left out."""
-        names = [n for n in self.virsh("list", "--name").split("\n") if n]
+        status, text = self.ssh_exact("virsh -c qemu:///system list --name")
+        if status != 0:
+            raise LabError(f"virsh list failed ({status}): {text!r}", host=self.name)
+        names = [n for n in text.split("\n") if n]
         if not names:
             return {}
         files = " ".join(shlex.quote(f"{RUN_DIR}/{pid_file_name(n)}") for n in names)
         # One line per name, in order: its PID, or "-" when its pid file cannot be read.
         script = f'for f in {files}; do p=; read -r p < "$f" 2>/dev/null; echo "${{p:--}}"; done'
-        pids = self.ssh(script).stdout.split("\n")[:-1]
+        pids = self.ssh_exact(script)[1].split("\n")[:-1]
         if len(pids) != len(names) or not all(p.isdigit() or p == "-" for p in pids):
             raise LabError(f"unexpected PIDs {pids!r} for {names!r}", host=self.name)
         return {n: int(p) for n, p in zip(names, pids, strict=True) if p != "-"}
