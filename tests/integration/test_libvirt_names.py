@@ -104,9 +104,13 @@ def write_pid_file(host: LibvirtHost, name: str, pid: int) -> None:
 
 
 def wait_unjudgeable(host: LibvirtHost, pid: int, kind: str) -> None:
-    """Until the helper is in its state: an empty command line (and a zombie leader)."""
-    check = f'[ ! -s /proc/{pid}/cmdline ] && [ "$(cut -d")" -f2 /proc/{pid}/stat | cut -c2)" '
-    check += "= Z ]" if kind == "zombie-leader" else "!= Z ]"
+    """Until the helper is in its state: a qemu's comm (set first: a command line also reads
+    empty for a moment inside execve), an empty command line, and a zombie leader or not."""
+    stat = f"/proc/{pid}/stat"
+    check = f'grep -q "^{pid} (qemu-system-x86) " {stat} && [ ! -s /proc/{pid}/cmdline ] && '
+    check += f'[ "$(cut -d")" -f2 {stat} | cut -c2)" ' + (
+        "= Z ]" if kind == "zombie-leader" else "!= Z ]"
+    )
     script = f"i=0; until {check}; do i=$((i+1)); [ $i -ge 2000 ] && exit 1; sleep 0.005; done"
     host.ssh(script)  # a deadline of about 10 s on the host, polling the condition
 
