@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from vmflab.control import InitControl, LabError, SshCommandError
 from vmflab.host import SshSettings, parent_pid, run_ssh, ssh_argv
-from vmflab.libvirt_files import LibvirtFiles, check_domain_name
+from vmflab.libvirt_files import LibvirtFiles, check_domain_name, pid_file_name
 
 START_TIMEOUT_S = 10.0
 # The first libvirtd ever started probes qemu's capabilities (about 12 s here, more when busy).
@@ -188,6 +188,15 @@ class LibvirtHost:
         argv = ssh_argv(self._ssh, self.address, self.port, command)
         return run_ssh(argv, self.name, command, check=check, timeout=timeout)
 
+    def ssh_exact(self, command: str, *, timeout: float = 30) -> tuple[int, str]:
+        """Exit status and stdout exactly as sent: ``ssh`` reads text with universal newlines,
+        which turns a CR (which a domain name may hold) into a line break."""
+        argv = ssh_argv(self._ssh, self.address, self.port, command)
+        result = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+        return result.returncode, result.stdout.decode("utf-8", "surrogateescape")
+
     def virsh(self, *args: str, check: bool = True) -> str:
         command = shlex.join(["virsh", "-c", "qemu:///system", *args])
         return self.ssh(command, check=check).stdout
@@ -210,7 +219,7 @@ class LibvirtHost:
         """Starts the domain (defining it first if this lab never did); returns the qemu PID."""
         if name not in self._uuids:
             self.define_vm(name)
-        pid_file = shlex.quote(f"{RUN_DIR}/{name}.pid")
+        pid_file = shlex.quote(f"{RUN_DIR}/{pid_file_name(name)}")
         domain = self._domain(name)
         start = shlex.join(["virsh", "-c", "qemu:///system", "start", "--domain", domain])
         command = f"{start} >/dev/null && cat {pid_file}"
@@ -240,19 +249,21 @@ class LibvirtHost:
         return self.virsh("domstate", "--domain", self._domain(name)).strip()
 
     def vm_pids(self) -> dict[str, int]:
-        """Running domains as libvirtd reports them, with their qemu PID (from the pid file)."""
-        script = (
-            "virsh -c qemu:///system list --name | while IFS= read -r n; do "
-            '[ -n "$n" ] || continue; p=$(cat "/run/libvirt/qemu/$n.pid") || continue; '
-            'printf \'%s\\t%s\\n\' "$p" "$n"; done'
-        )
-        pids = {}
-        for line in self.ssh(script).stdout.splitlines():
-            pid, _, name = line.partition("\t")
-            if not pid.isdigit():
-                raise LabError(f"unexpected line {line!r}", host=self.name)
-            pids[name] = int(pid)
-        return pids
+        """Running domains as libvirtd reports them, with their qemu PID (from the pid file);
+        a domain whose pid file is already gone (libvirtd cleaning up after a kill) is left out."""
+        status, text = self.ssh_exact("virsh -c qemu:///system list --name")
+        if status != 0:
+            raise LabError(f"virsh list failed ({status}): {text!r}", host=self.name)
+        names = [n for n in text.split("\n") if n]
+        if not names:
+            return {}
+        files = " ".join(shlex.quote(f"{RUN_DIR}/{pid_file_name(n)}") for n in names)
+        # One line per name, in order: its PID, or "-" when its pid file cannot be read.
+        script = f'for f in {files}; do p=; read -r p < "$f" 2>/dev/null; echo "${{p:--}}"; done'
+        pids = self.ssh_exact(script)[1].split("\n")[:-1]
+        if len(pids) != len(names) or not all(p.isdigit() or p == "-" for p in pids):
+            raise LabError(f"unexpected PIDs {pids!r} for {names!r}", host=self.name)
+        return {n: int(p) for n, p in zip(names, pids, strict=True) if p != "-"}
 
     def pid_alive(self, pid: int) -> bool:
         """Whether ``pid`` is a live process of this host (a zombie is dead)."""
@@ -320,3 +331,40 @@ def start_hosts(hosts: Sequence[LibvirtHost], caps_dir: Path) -> None:
         host.launch()
     for host in rest:
         host.wait_ready()
+
+
+# A process the guards cannot judge, for tests (run with `python3 -c UNJUDGEABLE KIND COMM`):
+# its comm set to COMM (a qemu's by default), then either a zombie leader whose other thread
+# still runs (the main thread leaves with the raw exit syscall, not the whole process), or a
+# live process whose argv area is made empty: PR_SET_MM_MAP with arg_end = arg_start, the rest
+# of its memory map unchanged, so /proc/PID/cmdline reads empty (the single-field PR_SET_MM_*
+# calls need CAP_SYS_RESOURCE, which this machine's root lacks; PR_SET_MM_MAP does not).
+UNJUDGEABLE = """
+import ctypes, os, platform, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+kind, comm = sys.argv[1], sys.argv[2]
+libc.prctl(15, comm.encode(), 0, 0, 0)
+if kind == "zombie-leader":
+    threading.Thread(target=time.sleep, args=(3600,)).start()
+    libc.syscall({"x86_64": 60, "aarch64": 93}[platform.machine()], 0)
+elif kind == "empty-cmdline":
+    libc.sbrk.restype = ctypes.c_void_p
+    stat = open("/proc/self/stat").read().rpartition(") ")[2].split()
+    f = [int(stat[n - 3]) for n in (26, 27, 45, 46, 47)]
+    a = [int(stat[n - 3]) for n in (28, 48, 48, 50, 51)]
+    class Map(ctypes.Structure):
+        _fields_ = [(str(i), ctypes.c_uint64) for i in range(11)] + [
+            ("auxv", ctypes.c_void_p), ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+    mm = Map(*f, libc.sbrk(0), *a, None, 0, 0xFFFFFFFF)
+    if libc.prctl(35, 14, ctypes.byref(mm), ctypes.sizeof(mm), 0) != 0:
+        sys.exit("prctl(PR_SET_MM_MAP): " + os.strerror(ctypes.get_errno()))
+    time.sleep(3600)
+sys.exit("unknown kind " + kind)
+"""
+UNJUDGEABLE_KINDS = ("zombie-leader", "empty-cmdline")
+
+
+def unjudgeable_argv(kind: str, comm: str = "qemu-system-x86") -> list[str]:
+    if kind not in UNJUDGEABLE_KINDS:
+        raise LabError(f"unknown kind {kind!r}")
+    return [sys.executable, "-c", UNJUDGEABLE, kind, comm]

@@ -41,6 +41,12 @@ function vmf_is_vmx() { return A[1] ~ /(^|\/)vmware-vmx$/ }
 )
 
 # argv = every /proc/PID/cmdline; one `vmf:vm PID PATH` per live vmware-vmx, then `vmf:end`.
+# A live process whose command line reads empty or not at all (a zombie leader whose threads
+# still run, an emptied argv area) is a doubt when its comm could be a vmware-vmx: skipping it
+# could hide a running VM. Any other such process is skipped: every process reads empty for a
+# moment while it exits, and failing the listing for each would fail it at random. (No
+# PF_KTHREAD test: it exists from Linux 2.6.27, the service console runs a 2.4 kernel, and
+# no kernel thread is called vmware-vmx.)
 _AWK_SCAN = (
     _AWK_LIB
     + r"""
@@ -51,7 +57,12 @@ BEGIN {
     sub(/^\/proc\//, "", p); sub(/\/cmdline$/, "", p)
     if (!vmf_stat(p) || vmf_dead()) continue
     vmf_n = vmf_args(p)
-    if (vmf_n <= 0 || !vmf_is_vmx()) continue
+    if (vmf_n <= 0) {
+      if (!vmf_stat(p) || vmf_dead() || C !~ /^vmware-vmx/) continue
+      print "vmf:doubt cannot judge " p " (" C ", state " S[1] "): its command line reads empty"
+      exit 3
+    }
+    if (!vmf_is_vmx()) continue
     v = vmf_vmx()
     if (v == "\n") { print "vmf:doubt vmware-vmx " p " has no .vmx argument"; exit 3 }
     if (index(v, "\n") || substr(v, 1, 1) != "/") {

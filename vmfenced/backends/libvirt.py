@@ -7,7 +7,14 @@ registered-VM listing and power-on.
 
 A qemu started by libvirt carries `-name guest=NAME,debug-threads=on`, NAME escaped the qemu
 keyval way (`,,` is a literal comma), and `-uuid UUID`. The guard decodes that argument exactly,
-so `vm1` never matches the qemu of `vm10` or of `vm1,x`.
+so `vm1` never matches the qemu of `vm10` or of `vm1,x`. Its pid file is `RUN_DIR/FILE.pid`,
+FILE being NAME with `&`, `'`, `"`, `<`, `>` written as XML entities (`a&b` -> `a&amp;b.pid`,
+libvirt 9.0): a VM is identified by names the host reports, decoded (qemu's own guest=, the
+decoded file name, virsh's output), never by comparing one encoding of a name with another.
+
+A name holding a control or line-separator character (libvirt accepts tab, CR, U+0085, U+2028)
+fails the listing that reports it, with that reason: no listing can carry it unambiguously, so
+the host's answer is a doubt rather than a guess.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import re
 import shlex
 
 from vmfenced.backends import Backend, Listing, parse_kill_marker, procfs
+from vmfenced.backends.text import check_name, split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
 from vmfenced.model import RegisteredVM, RunningVM
@@ -34,12 +42,18 @@ _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 _VM_LINE = re.compile(rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<uuid>{_UUID}|-) (?P<name>.+)$")
 _UUID_NAME = re.compile(rf"^(?P<uuid>{_UUID}) (?P<name>.+)$")
 
-# vmf_guest decodes a qemu `-name` argument (guest=NAME, `,,` a literal comma); the /proc
-# helpers (vmf_args, vmf_stat, vmf_dead, vmf_opt) are shared with the other Linux backends.
+# vmf_guest decodes a qemu `-name` argument (guest=NAME, `,,` a literal comma); vmf_unxml decodes
+# a pid file's name (libvirt names it NAME.pid with &, ', ", <, > written as XML entities, so a
+# name never equals its file name when it holds one of them); both return "\n" for what they
+# cannot decode, and a name holding "\n" (libvirt refuses it) is never decoded. vmf_qemu_comm: the
+# comm of a process that could be a qemu (qemu-system-*, qemu-kvm, the old `kvm` wrapper's).
+# The /proc helpers (vmf_args, vmf_stat, vmf_dead, vmf_kthread, vmf_opt) are shared with the
+# other Linux backends.
 _AWK_LIB = (
     procfs.AWK_LIB
     + r"""
 function vmf_guest(v,   n, i, c, e, el) {
+  if (index(v, "\n")) return "\n"
   n = 0; e = ""
   for (i = 1; i <= length(v) + 1; i++) {
     c = substr(v, i, 1)
@@ -53,30 +67,54 @@ function vmf_guest(v,   n, i, c, e, el) {
   }
   return "\n"
 }
+function vmf_unxml(f,   d, i, t) {
+  if (index(f, "\n")) return "\n"
+  d = ""
+  while ((i = index(f, "&")) > 0) {
+    d = d substr(f, 1, i - 1); t = substr(f, i)
+    if (substr(t, 1, 5) == "&amp;") { d = d "&"; f = substr(t, 6) }
+    else if (substr(t, 1, 6) == "&apos;") { d = d "'"; f = substr(t, 7) }
+    else if (substr(t, 1, 6) == "&quot;") { d = d "\""; f = substr(t, 7) }
+    else if (substr(t, 1, 4) == "&lt;") { d = d "<"; f = substr(t, 5) }
+    else if (substr(t, 1, 4) == "&gt;") { d = d ">"; f = substr(t, 5) }
+    else return "\n"
+  }
+  return d f
+}
+function vmf_qemu_comm() { return C ~ /^qemu/ || C == "kvm" }
 """
 )
 
-# Argument pairs "PID NAME" from the pid files; prints one `vmf:vm PID UUID NAME` per domain
-# whose qemu still runs under that PID, then `vmf:end`. Exit 3 on any doubt.
+# Argument pairs "PID FILE" (FILE: the pid file's name without .pid); prints one
+# `vmf:vm PID UUID NAME` per domain whose qemu still runs under that PID, NAME as qemu's own
+# `-name guest=` says it, then `vmf:end`. Exit 3 on any doubt: a pid file name we cannot decode,
+# a live process we cannot judge, or the qemu of another domain under that PID.
 _AWK_PIDFILES = (
     _AWK_LIB
     + r"""
 BEGIN {
   RS = "\0"
   for (i = 1; i + 1 < ARGC; i += 2) {
-    p = ARGV[i]; name = ARGV[i + 1]
+    p = ARGV[i]; name = vmf_unxml(ARGV[i + 1])
+    if (name == "\n") { print "vmf:doubt pid file name not understood: " ARGV[i + 1]; exit 3 }
     if (!vmf_stat(p) || vmf_dead()) continue
+    # A kernel thread reused the PID after this domain's qemu died.
+    if (vmf_kthread()) continue
     vmf_n = vmf_args(p)
-    if (vmf_n < 0) { print "vmf:doubt cannot read /proc/" p "/cmdline"; exit 3 }
-    if (vmf_n == 0) {
-      # A zombie leader whose threads still run (in-flight I/O) has no cmdline left.
-      if (S[1] == "Z") { print "vmf:doubt " p " is exiting"; exit 3 }
-      continue
+    if (vmf_n <= 0) {
+      if (!vmf_stat(p) || vmf_dead()) continue
+      if (S[1] == "Z") { print "vmf:doubt " p " (" name ") is exiting, threads still run"; exit 3 }
+      print "vmf:doubt cannot read the command line of " p " (" name ")"; exit 3
     }
-    # Anything else under that PID reused it after this domain's qemu died.
-    if (vmf_guest(vmf_opt("-name")) != name) continue
+    # A program without -name reused the PID after this domain's qemu died.
+    o = vmf_opt("-name")
+    if (o == "\n") continue
+    g = vmf_guest(o)
+    if (g != name) {
+      print "vmf:doubt pid file of " name " holds " p ", a qemu -name " o; exit 3
+    }
     u = vmf_opt("-uuid")
-    print "vmf:vm " p " " (u == "\n" ? "-" : u) " " name
+    print "vmf:vm " p " " (u == "\n" ? "-" : u) " " g
   }
   print "vmf:end"
 }
@@ -84,7 +122,10 @@ BEGIN {
 )
 
 # Running domain names on stdin (from virsh); argv = every /proc/PID/cmdline. Each name must
-# match exactly one live qemu process naming it.
+# match exactly one live qemu process naming it. A live process whose command line reads empty
+# or not at all is a doubt when its comm could be a qemu: skipping it could hide a running VM.
+# Any other such process is skipped: every process reads empty for a moment while it exits, and
+# failing the listing for each would fail it at random on a busy host.
 _AWK_SCAN = (
     _AWK_LIB
     + r"""
@@ -95,9 +136,15 @@ BEGIN {
   for (i = 1; i < ARGC; i++) {
     f = ARGV[i]; p = f
     sub(/^\/proc\//, "", p); sub(/\/cmdline$/, "", p)
-    if (!vmf_stat(p) || vmf_dead()) continue
+    if (!vmf_stat(p) || vmf_dead() || vmf_kthread()) continue
     vmf_n = vmf_args(p)
-    if (vmf_n <= 0) continue
+    if (vmf_n <= 0) {
+      if (!vmf_stat(p) || vmf_dead() || !vmf_qemu_comm()) continue
+      print "vmf:doubt cannot judge " p " (" C ", state " S[1] "): its command line reads empty"
+      exit 3
+    }
+    # Names no domain virsh listed (or none at all): a running domain without its
+    # process is a doubt below.
     name = vmf_guest(vmf_opt("-name"))
     if (!(name in want)) continue
     if (name in pid) { print "vmf:doubt two processes name " name; exit 3 }
@@ -165,27 +212,34 @@ def virsh_listing() -> str:
 vmf_vl"""
 
 
+def pid_file(name: str) -> str:
+    """Where libvirt writes the qemu PID of domain `name` (its XML-escaped name, libvirt 9.0)."""
+    escaped = name.replace("&", "&amp;").replace("'", "&apos;").replace('"', "&quot;")
+    return f"{RUN_DIR}/{escaped.replace('<', '&lt;').replace('>', '&gt;')}.pid"
+
+
 def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
     """`vmf:vm PID UUID NAME` lines ended by `vmf:end`; anything else is an error."""
+    what = "libvirt listing"
     vms = [
         RunningVM(
-            name=match["name"],
-            config_file=f"{RUN_DIR}/{match['name']}.pid",
+            name=check_name(what, match["name"]),
+            config_file=pid_file(match["name"]),
             cartel=int(match["pid"]),
             uuid=None if match["uuid"] == "-" else match["uuid"].lower(),
         )
-        for match in procfs.marked_lines(text, "libvirt listing", _VM_LINE)
+        for match in procfs.marked_lines(text, what, _VM_LINE)
     ]
     names = [vm.name for vm in vms]
     if len(set(names)) != len(names):
-        raise ParseError("libvirt listing", "a domain is listed twice")
+        raise ParseError(what, "a domain is listed twice")
     return tuple(vms)
 
 
 def parse_registered(text: str) -> tuple[RegisteredVM, ...]:
     """`vmf:uuid-name` then `virsh list --all --uuid --name` (`UUID NAME` lines), or
     `vmf:name` then `virsh list --all --name`; virsh ends both with a blank line."""
-    lines = text.splitlines()
+    lines = split_lines(text)
     if not lines or lines[0] not in ("vmf:uuid-name", "vmf:name"):
         raise ParseError(REGISTERED, f"unexpected answer: {text.strip()[:300]!r}")
     vms = []
@@ -193,14 +247,16 @@ def parse_registered(text: str) -> tuple[RegisteredVM, ...]:
         if not line:
             continue
         if lines[0] == "vmf:name":
-            vms.append(RegisteredVM(vmid=line, name=line, config_file=""))
+            name = check_name(REGISTERED, line)
+            vms.append(RegisteredVM(vmid=name, name=name, config_file=""))
             continue
         match = _UUID_NAME.match(line)
         if match is None:
             raise ParseError(REGISTERED, f"line {number} not understood: {line[:200]!r}")
         uuid = match["uuid"].lower()
         # The UUID is the power-on handle: virsh would read a name like "5" as a domain ID.
-        vms.append(RegisteredVM(vmid=uuid, name=match["name"], config_file=f"uuid {uuid}"))
+        name = check_name(REGISTERED, match["name"])
+        vms.append(RegisteredVM(vmid=uuid, name=name, config_file=f"uuid {uuid}"))
     return tuple(vms)
 
 
@@ -215,17 +271,30 @@ def kill_command(vm: RunningVM, budget: float) -> str:
     return procfs.kill_script("VMF_NAME", vm.name, vm.cartel, _AWK_CHECK, budget)
 
 
+_SAME_DOMAIN = """  vmf_n=$(virsh domname --domain {domain} 2>&1) || {{
+    printf 'vmf:refused cannot name %s: %s\\n' {domain} "$vmf_n"; return 1; }}
+  [ "$vmf_n" = "$VMF_NAME" ] || {{
+    printf 'vmf:refused %s now names another domain: %s\\n' {domain} "$vmf_n"; return 1; }}
+"""
+
+
 def power_on_command(vm: RegisteredVM) -> str:
-    """`virsh start`, once libvirtd has seen the previous qemu die (it lags a kill -9 ~0.2 s)."""
+    """`virsh start`, once libvirtd has seen the previous qemu die (it lags a kill -9 ~0.2 s),
+    and only if the handle (the UUID) still names this domain: it may have been undefined and
+    its UUID given to another domain since the inventory was taken. The name is compared as
+    data, in the same command as the start."""
     domain = shlex.quote(vm.vmid)
-    return f"""vmf_on() {{
+    # From an older virsh without --uuid the handle is the name itself: nothing to re-check.
+    same = "" if vm.vmid == vm.name else _SAME_DOMAIN.format(domain=domain)
+    return f"""VMF_NAME={shlex.quote(vm.name)}
+vmf_on() {{
   vmf_i=0
   while vmf_s=$(virsh domstate --domain {domain} 2>&1); do
     case $vmf_s in "shut off"*|crashed*) break;; esac
     vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge 300 ] && break
     sleep 0.05 2>/dev/null || sleep 1
   done
-  virsh start --domain {domain}
+{same}  virsh start --domain {domain}
 }}
 vmf_on"""
 

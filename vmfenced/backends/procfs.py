@@ -4,6 +4,11 @@ POSIX awk functions (gawk and mawk read NUL-separated /proc/PID/cmdline with RS 
 guarded kill script built on them. "Dead" is decided in one place: a process is dead when
 /proc/PID is gone, its state is X, or it is a zombie whose last thread has exited (a zombie
 leader with threads still in the kernel may still have I/O in flight).
+
+A process that is not dead but whose command line reads empty or cannot be read (a zombie leader
+whose threads still run; a process that emptied its argv area) cannot be judged: when it could
+be a VM process it is a doubt, never "not running". Kernel threads (PF_KTHREAD) have no command
+line by nature and are never VMs.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ from __future__ import annotations
 import re
 import shlex
 
+from vmfenced.backends.text import split_lines
 from vmfenced.errors import ParseError
 
 # Builtin checks of a killed PID before the host-side wait starts paying for `sleep`.
 SPIN = 200
 
 # vmf_args fills A[] with a process's argv and returns its length, -1 when unreadable; vmf_stat
-# fills S[] with the fields after "(comm) " (S[1] state, S[18] num_threads, S[20] starttime) and
-# returns 0 when the process is gone; vmf_opt returns the argument after option o ("\n": none).
+# fills S[] with the fields after "(comm) " (S[1] state, S[7] flags, S[18] num_threads, S[20]
+# starttime), sets C to comm and returns 0 when the process is gone; vmf_opt returns the argument
+# after option o ("\n": none). vmf_kthread tests PF_KTHREAD (0x00200000, Linux >= 2.6.27: not for
+# the 2.4 service console of ESX classic) in the flags without bitwise operators, which POSIX
+# awk (mawk) lacks.
 AWK_LIB = r"""
 function vmf_args(p,   f, r, a, n) {
   f = "/proc/" p "/cmdline"; n = 0
@@ -33,11 +42,15 @@ function vmf_stat(p,   f, s, r) {
   close(f)
   if (r <= 0) return 0
   sub(/\n$/, "", s)
+  # comm may hold ") " itself; the fields after it never hold ")".
+  C = s
+  sub(/\) [^)]*$/, "", C); sub(/^[^(]*\(/, "", C)
   sub(/.*\) /, "", s)
   split(s, S, " ")
   return 1
 }
 function vmf_dead() { return S[1] == "X" || (S[1] == "Z" && S[18] == 1) }
+function vmf_kthread() { return int(S[7] / 2097152) % 2 == 1 }
 function vmf_opt(o,   i) {
   for (i = 1; i < vmf_n; i++) if (A[i] == o) return A[i + 1]
   return "\n"
@@ -131,7 +144,7 @@ def marked_lines(text: str, what: str, line: re.Pattern[str]) -> list[re.Match[s
     """
     matches = []
     ended = False
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(split_lines(text), 1):
         if ended:
             raise ParseError(what, f"line {number} after the end: {raw[:200]!r}")
         if raw == "vmf:end":
