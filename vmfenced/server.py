@@ -172,7 +172,7 @@ class SocketServer:
             return
         refusal = self._refusal(peer)
         if refusal is not None:
-            self._refuse(conn, refusal)
+            self._refuse(conn, refusal, peer)
             return
         self._by_uid[peer.uid] = self._by_uid.get(peer.uid, 0) + 1
         task = asyncio.get_running_loop().create_task(self._serve(conn, peer))
@@ -203,7 +203,6 @@ class SocketServer:
                 ),
             )
         if not self._allowed(peer):
-            self._log.warning("peer refused", uid=peer.uid, pid=peer.pid)
             message = f"uid {peer.uid} is not root" + (
                 f" nor in group {self._group}" if self._group else ""
             )
@@ -236,7 +235,9 @@ class SocketServer:
             )
         return None
 
-    def _refuse(self, conn: socket.socket, refusal: tuple[str, str, str]) -> None:
+    def _refuse(
+        self, conn: socket.socket, refusal: tuple[str, str, str], peer: Peer | None = None
+    ) -> None:
         """One error line and close, at once: a refused client holds no slot, not even briefly."""
         code, limit, message = refusal
         try:
@@ -246,13 +247,19 @@ class SocketServer:
             pass
         finally:
             conn.close()
-        if code == "permission_denied":
-            return  # logged by _refusal, with the uid
         # A flood is thousands of refusals: one line per limit every REFUSAL_LOG_EVERY seconds.
         now = time.monotonic()
         last, unlogged = self._refusals.get(limit, (-REFUSAL_LOG_EVERY, 0))
         if now - last >= REFUSAL_LOG_EVERY:
-            self._log.warning("client refused", limit=limit, reason=message, unlogged=unlogged)
+            self._log.warning(
+                "peer refused",
+                code=code,
+                limit=limit,
+                reason=message,
+                uid=None if peer is None else peer.uid,
+                pid=None if peer is None else peer.pid,
+                unlogged=unlogged,
+            )
             self._refusals[limit] = (now, 0)
         else:
             self._refusals[limit] = (last, unlogged + 1)

@@ -360,3 +360,60 @@ def test_supplementary_groups_come_from_so_peergroups(lab: Lab) -> None:
         many = list(range(30000, 30300))
         assert ask(daemon, NOBODY, [*many, users])["ok"]
         assert ask(daemon, NOBODY, many)["error"]["code"] == "permission_denied"
+
+
+def ask_then_change_groups(daemon: LabDaemon, before: list[int], after: list[int]) -> Any:
+    """A child of uid nobody connects with groups `before` and asks for status, then changes to
+    `after` while the daemon is stopped (so the daemon looks at it only afterwards, as it would
+    at a process that took the PID over). Returns the reply."""
+    assert daemon.proc is not None
+    ready_r, ready_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
+            code = 1
+            try:
+                os.setgroups(before)
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, 0)  # root kept as saved uid, to change groups
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(20)
+                    sock.connect(str(daemon.socket))  # the kernel records the credentials now
+                    sock.sendall(STATUS)
+                    os.seteuid(0)
+                    os.setgroups(after)
+                    os.seteuid(NOBODY)
+                    os.write(ready_w, b"+")
+                    os.write(out_w, sock.makefile("rb").readline())
+                code = 0
+            except BaseException as exc:  # reported to the parent, which fails with it
+                with contextlib.suppress(OSError):
+                    os.write(ready_w, b"+")
+                    os.write(out_w, f"child: {exc!r}".encode())
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        os.close(out_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            ready.read(1)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    with os.fdopen(out_r, "rb") as reader:
+        data = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, data
+    return json.loads(data)
+
+
+def test_groups_are_the_ones_recorded_at_connect(lab: Lab) -> None:
+    """Not what the process (or a process that reused its PID) has when the daemon looks."""
+    users = gid_of(GROUP)
+    daemon_keys = {**LONG_IDLE, "socket_mode": "0666", "socket_group": GROUP}
+    with LabDaemon(lab, hosts=["esx1"], daemon=daemon_keys) as daemon:
+        open_socket_to_others(daemon)
+        gained = ask_then_change_groups(daemon, [], [users])
+        assert gained["error"]["code"] == "permission_denied", gained
+        lost = ask_then_change_groups(daemon, [users], [])
+        assert lost["ok"] is True, lost
