@@ -56,6 +56,7 @@ class SocketServer:
         # Seconds a client may take to send a complete request line, after connecting or
         # after its last reply; read for each line, so a reload changes it at once.
         self.idle_timeout = idle_timeout
+        # Until set_reserved_fds() (the daemon calls it before start()): MAX_CLIENTS, no lanes.
         self.limits = ClientLimits.compute(MAX_CLIENTS + reserved_fds(0), reserved_fds(0))
         self._listener: socket.socket | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -157,7 +158,12 @@ class SocketServer:
                 loop.remove_reader(self._listener)
                 loop.call_later(ACCEPT_RETRY, self._resume, self._listener)
                 return
-            self._admit(conn)
+            try:
+                self._admit(conn)
+            except Exception:
+                # A bug in a check must not leak the descriptor nor stop the accept loop.
+                self._log.exception("client admission failed")
+                conn.close()
 
     def _resume(self, listener: socket.socket) -> None:
         if listener is self._listener:
@@ -272,10 +278,9 @@ class SocketServer:
         if peer.gid == self._gid or (peer.groups is not None and self._gid in peer.groups):
             return True
         try:
-            name = pwd.getpwuid(peer.uid).pw_name
-        except KeyError:
+            return pwd.getpwuid(peer.uid).pw_name in grp.getgrgid(self._gid).gr_mem
+        except KeyError:  # a uid without a name, or the group deleted since
             return False
-        return name in grp.getgrgid(self._gid).gr_mem
 
     # -- conversation --------------------------------------------------------------------------
 
