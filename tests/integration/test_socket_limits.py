@@ -435,3 +435,22 @@ def test_groups_are_the_ones_recorded_at_connect(lab: Lab) -> None:
         assert gained["error"]["code"] == "permission_denied", gained
         lost = ask_then_change_groups(daemon, [users], [])
         assert lost["ok"] is True, lost
+
+
+def test_vmfencectl_shows_the_limit_not_a_broken_pipe(lab: Lab) -> None:
+    """The daemon refuses at accept, usually before the client has sent its request."""
+    import io
+
+    from vmfenced.ctl import run as ctl_run
+
+    with LabDaemon(lab, hosts=["esx1"], daemon=LONG_IDLE) as daemon:
+        limit_nofile(daemon, reserved_fds(1) + MIN_CLIENTS)
+        with crowd(daemon, MIN_CLIENTS + 1):
+            for _ in range(20):
+                out, err = io.StringIO(), io.StringIO()
+                code = ctl_run(["--socket", str(daemon.socket), "status"], out, err)
+                assert code == 1
+                assert err.getvalue().startswith(
+                    f"vmfencectl: daemon error unavailable: too many clients: {MIN_CLIENTS} "
+                    f"connected, the limit is {MIN_CLIENTS} (RLIMIT_NOFILE"
+                ), err.getvalue()

@@ -169,3 +169,37 @@ def test_bad_client_idle_timeout_is_named(value: Any, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(config(client_idle_timeout=value))
     assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+# -- what the bundled client makes of a refusal ------------------------------------------------
+
+
+def test_client_reads_the_refusal_of_a_daemon_that_closed_before_the_request() -> None:
+    """The daemon refuses at accept and closes: the client's send then breaks, but the one
+    line already sent is the answer (not `connection lost while sending: Broken pipe`)."""
+    from vmfenced.client import Client
+    from vmfenced.client_errors import DaemonError
+    from vmfenced.protocol import reply_error
+
+    ours, daemons = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    message = "too many clients of uid 1000: it has 256 connected, the limit per uid is 256"
+    daemons.sendall(reply_error(None, "unavailable", message))
+    daemons.close()
+    client = Client("/nonexistent", timeout_s=5)
+    client._sock = ours  # as if connected: the refusal came before our request
+    with pytest.raises(DaemonError) as info:
+        client.status()
+    assert (info.value.code, info.value.message) == ("unavailable", message)
+    assert client._sock is None  # that connection is over
+
+
+def test_client_without_a_refusal_still_reports_the_broken_connection() -> None:
+    from vmfenced.client import Client
+    from vmfenced.client_errors import DaemonUnreachable
+
+    ours, daemons = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    daemons.close()
+    client = Client("/nonexistent", timeout_s=5)
+    client._sock = ours
+    with pytest.raises(DaemonUnreachable, match="connection lost while sending"):
+        client.status()
