@@ -1,169 +1,49 @@
 """The daemon's socket limits on the real-sshd lab: idle clients are closed, one uid cannot take
 every slot, root always gets through, the client limit follows RLIMIT_NOFILE and the number of
-hosts, lanes reconnect while clients hold every slot, and SO_PEERGROUPS grants the group."""
+hosts, lanes reconnect while clients hold every slot, and vmfencectl shows the limit."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import resource
-import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.integration.socket_clients import (
+    GROUP,
+    LONG_IDLE,
+    NOBODY,
+    STATUS,
+    ask,
+    crowd,
+    gid_of,
+    hosts,
+    lab_of_two,
+    limit_nofile,
+    open_socket_to_others,
+    read_until_eof,
+    request,
+    wait_for,
+)
 from vmfenced.clientlimits import MIN_CLIENTS, reserved_fds
+from vmfenced.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
 from vmflab.host import LabHost
 
 pytestmark = pytest.mark.integration
 
-NOBODY = 65534
-GROUP = "users"  # gid 100 on Debian, no members listed: only a process's own groups count
-LONG_IDLE = {"client_idle_timeout": 600}  # these tests hold idle clients on purpose
-STATUS = b'{"op":"status"}\n'
-
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    from tests.integration.conftest import lab_unavailable
-
-    reason = lab_unavailable()
-    if reason:
-        pytest.fail(reason)
-    with Lab(tmp_path_factory.mktemp("lab"), ("esx1", "esx2")) as started:
-        yield started
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
-
-
-def gid_of(name: str) -> int:
-    import grp
-
-    return grp.getgrnam(name).gr_gid
-
-
-def connect(sock: socket.socket, path: str) -> None:
-    """A full listen backlog answers EAGAIN: retry until the daemon accepts."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            sock.connect(path)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise
-            select.select([], [], [], 0.01)
-
-
-def _crowd_child(
-    path: str, count: int, uid: int, groups: Sequence[int], *, out: int, hold: int
-) -> None:
-    """In the forked child: become `uid`, open `count` connections that each ask for status,
-    report which were served, hold them until the parent closes `hold`."""
-    if uid != 0:
-        os.setgroups(list(groups))
-        os.setresgid(NOBODY, NOBODY, NOBODY)
-        os.setresuid(uid, uid, uid)
-    socks = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(20)
-        socks.append(sock)
-        connect(sock, path)
-        # A refused connection is closed at accept: our request may then meet a closed peer.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(STATUS)
-    served, refused = 0, []
-    for sock in socks:
-        reply = json.loads(sock.makefile("rb").readline())
-        if reply["ok"]:
-            served += 1
-        else:
-            refused.append(reply["error"])
-    os.write(out, json.dumps({"served": served, "refused": refused}).encode())
-    os.close(out)
-    os.read(hold, 1)  # returns when the parent closes its end (or dies)
-
-
-@contextlib.contextmanager
-def crowd(
-    daemon: LabDaemon, count: int, uid: int = 0, groups: Sequence[int] = ()
-) -> Iterator[dict[str, Any]]:
-    """`count` connections of `uid` held open by a forked child while the block runs."""
-    out_r, out_w = os.pipe()
-    hold_r, hold_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
-        code = 1
-        try:
-            os.close(out_r)
-            os.close(hold_w)
-            _crowd_child(str(daemon.socket), count, uid, groups, out=out_w, hold=hold_r)
-            code = 0
-        except BaseException as exc:  # reported to the parent, which fails with it
-            with contextlib.suppress(OSError):
-                os.write(out_w, json.dumps({"child": repr(exc)}).encode())
-        finally:
-            os._exit(code)
-    os.close(out_w)
-    os.close(hold_r)
-    try:
-        with os.fdopen(out_r, "rb") as reader:
-            report: dict[str, Any] = json.loads(reader.read() or b'{"child": "no report"}')
-        assert "child" not in report, report
-        yield report
-    finally:
-        os.close(hold_w)
-        if not wait_for(lambda: os.waitpid(pid, os.WNOHANG) != (0, 0), timeout=20):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-
-
-def ask(daemon: LabDaemon, uid: int, groups: Sequence[int] = ()) -> dict[str, Any]:
-    with crowd(daemon, 1, uid, groups) as report:
-        if report["served"]:
-            return {"ok": True}
-        (error,) = report["refused"]
-        return {"ok": False, "error": error}
-
-
-def request(daemon: LabDaemon, obj: dict[str, Any]) -> dict[str, Any]:
-    """`daemon.request`, again while every slot is taken: the daemon frees the slots of closed
-    clients as it reads their EOFs, not at once."""
-    deadline = time.monotonic() + 20
-    while True:
-        reply = daemon.request(obj)
-        full = not reply["ok"] and reply["error"]["message"].startswith("too many clients")
-        if not full or time.monotonic() > deadline:
-            return reply
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-
-
-def hosts(daemon: LabDaemon) -> list[str]:
-    return [h["name"] for h in request(daemon, {"op": "status"})["result"]["hosts"]]
-
-
-def limit_nofile(daemon: LabDaemon, nofile: int) -> None:
-    """Lower the running daemon's RLIMIT_NOFILE, and reload so that it recomputes its limits."""
-    assert daemon.proc is not None
-    resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
-    reply = request(daemon, {"op": "reload"})
-    assert reply["ok"], reply
+    yield from lab_of_two(tmp_path_factory)
 
 
 def open_fds(daemon: LabDaemon) -> int:
@@ -186,19 +66,7 @@ def links_up(daemon: LabDaemon) -> int:
     return daemon.log_path.read_text(errors="replace").count('"event": "link up"')
 
 
-def open_socket_to_others(daemon: LabDaemon) -> None:
-    daemon.dir.chmod(0o711)  # the lab's private directory, passable by other uids
-
-
 # -- idle timeout ------------------------------------------------------------------------------
-
-
-def read_until_eof(sock: socket.socket) -> bytes:
-    data = b""
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
 
 
 def test_idle_and_slow_clients_are_closed_with_a_reason(lab: Lab) -> None:
@@ -360,89 +228,8 @@ def test_reload_recomputes_the_client_limit_from_the_hosts(lab: Lab) -> None:
         assert f"the limit is {MIN_CLIENTS + 2} (" in refused_limit(daemon, MIN_CLIENTS + 5)
 
 
-# -- groups ------------------------------------------------------------------------------------
-
-
-def test_supplementary_groups_come_from_so_peergroups(lab: Lab) -> None:
-    users = gid_of(GROUP)
-    daemon_keys = {**LONG_IDLE, "socket_mode": "0666", "socket_group": GROUP}
-    with LabDaemon(lab, hosts=["esx1"], daemon=daemon_keys) as daemon:
-        open_socket_to_others(daemon)
-        denied = ask(daemon, NOBODY, [])
-        assert denied["error"] == {
-            "code": "permission_denied",
-            "message": f"uid {NOBODY} is not root nor in group {GROUP}",
-        }
-        assert ask(daemon, NOBODY, [users])["ok"]
-        # More groups than CPython's getsockopt buffer holds (256): read through libc.
-        many = list(range(30000, 30300))
-        assert ask(daemon, NOBODY, [*many, users])["ok"]
-        assert ask(daemon, NOBODY, many)["error"]["code"] == "permission_denied"
-
-
-def ask_then_change_groups(daemon: LabDaemon, before: list[int], after: list[int]) -> Any:
-    """A child of uid nobody connects with groups `before` and asks for status, then changes to
-    `after` while the daemon is stopped (so the daemon looks at it only afterwards, as it would
-    at a process that took the PID over). Returns the reply."""
-    assert daemon.proc is not None
-    ready_r, ready_w = os.pipe()
-    out_r, out_w = os.pipe()
-    os.kill(daemon.proc.pid, signal.SIGSTOP)
-    try:
-        pid = os.fork()
-        if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
-            code = 1
-            try:
-                os.setgroups(before)
-                os.setresgid(NOBODY, NOBODY, NOBODY)
-                os.setresuid(NOBODY, NOBODY, 0)  # root kept as saved uid, to change groups
-                with socket.socket(socket.AF_UNIX) as sock:
-                    sock.settimeout(20)
-                    sock.connect(str(daemon.socket))  # the kernel records the credentials now
-                    sock.sendall(STATUS)
-                    os.seteuid(0)
-                    os.setgroups(after)
-                    os.seteuid(NOBODY)
-                    os.write(ready_w, b"+")
-                    os.write(out_w, sock.makefile("rb").readline())
-                code = 0
-            except BaseException as exc:  # reported to the parent, which fails with it
-                with contextlib.suppress(OSError):
-                    os.write(ready_w, b"+")
-                    os.write(out_w, f"child: {exc!r}".encode())
-            finally:
-                os._exit(code)
-        os.close(ready_w)
-        os.close(out_w)
-        with os.fdopen(ready_r, "rb") as ready:
-            ready.read(1)
-    finally:
-        os.kill(daemon.proc.pid, signal.SIGCONT)
-    with os.fdopen(out_r, "rb") as reader:
-        data = reader.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, data
-    return json.loads(data)
-
-
-def test_groups_are_the_ones_recorded_at_connect(lab: Lab) -> None:
-    """Not what the process (or a process that reused its PID) has when the daemon looks."""
-    users = gid_of(GROUP)
-    daemon_keys = {**LONG_IDLE, "socket_mode": "0666", "socket_group": GROUP}
-    with LabDaemon(lab, hosts=["esx1"], daemon=daemon_keys) as daemon:
-        open_socket_to_others(daemon)
-        gained = ask_then_change_groups(daemon, [], [users])
-        assert gained["error"]["code"] == "permission_denied", gained
-        lost = ask_then_change_groups(daemon, [users], [])
-        assert lost["ok"] is True, lost
-
-
 def test_vmfencectl_shows_the_limit_not_a_broken_pipe(lab: Lab) -> None:
     """The daemon refuses at accept, usually before the client has sent its request."""
-    import io
-
-    from vmfenced.ctl import run as ctl_run
-
     with LabDaemon(lab, hosts=["esx1"], daemon=LONG_IDLE) as daemon:
         limit_nofile(daemon, reserved_fds(1) + MIN_CLIENTS)
         with crowd(daemon, MIN_CLIENTS + 1):
