@@ -141,8 +141,18 @@ class Client:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         try:
             sock = self._connected(op, deadline)
-            self._send(sock, op, data, deadline)
-            reply = self._read_line(sock, op, deadline)
+            try:
+                self._send(sock, op, data, deadline)
+            except DaemonUnreachable:
+                # A daemon that refuses a client (a connection limit, permission) writes one
+                # line and closes without reading: that line, not the broken pipe, says why.
+                refusal = self._line_already_sent(sock)
+                if refusal is None:
+                    raise
+                self.close()
+                reply = refusal
+            else:
+                reply = self._read_line(sock, op, deadline)
         except ClientError:
             self.close()
             raise
@@ -218,6 +228,22 @@ class Client:
             raise self._timeout(op) from exc
         except OSError as exc:
             raise DaemonUnreachable(self.path, f"connection lost while sending: {exc}") from exc
+
+    def _line_already_sent(self, sock: socket.socket) -> bytes | None:
+        """A complete line the daemon sent before closing, read without waiting; else None."""
+        try:
+            sock.setblocking(False)
+            while b"\n" not in self._buffer and len(self._buffer) <= self.max_reply_bytes:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                self._buffer += chunk
+        except OSError:
+            pass  # nothing queued (EAGAIN), or the reset that follows the data
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            return None
+        return bytes(self._buffer[:end])
 
     def _read_line(self, sock: socket.socket, op: str, deadline: float | None) -> bytes:
         while True:

@@ -35,6 +35,9 @@ class DaemonConfig(_Frozen):
     # (power_timeout 20 s + 5 s).
     on_timeout: Annotated[float, Field(gt=0, le=600)] = 10
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 15
+    # A socket client that sends no complete request line this long after connecting or after
+    # its last reply is closed: an idle or slow client cannot hold a connection slot forever.
+    client_idle_timeout: Annotated[float, Field(ge=0.1, le=3600)] = 10
     # The fence journal (fences.jsonl) lives here; systemd's StateDirectory=vmfenced.
     state_directory: Path = DEFAULT_STATE_DIRECTORY
     journal_max_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 8 << 20

@@ -30,7 +30,7 @@ from vmfenced.model import LinkState, VMMap
 from vmfenced.notify import Notifier, watchdog_interval
 from vmfenced.protocol import FenceRequest, Request, StatusRequest, VMStatusRequest
 from vmfenced.reload import ReloadPlan, load_keys, plan, prepare
-from vmfenced.server import Peer, SocketServer
+from vmfenced.server import Peer, SocketServer, reserved_fds
 from vmfenced.watchdog import Watchdog, journal_flowing, journal_writable, socket_accepts
 
 DEFAULT_CONFIG = Path("/etc/vmfenced/vmfenced.toml")
@@ -113,6 +113,7 @@ class Daemon:
             config.daemon.socket_mode,
             config.daemon.socket_group,
             self._handle,
+            config.daemon.client_idle_timeout,
         )
 
     # -- tasks and events ----------------------------------------------------------------------
@@ -165,6 +166,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         started = False
         try:
+            self.server.set_reserved_fds(reserved_fds(len(self.config.hosts)))
             await self.server.start()
             started = True
             endpoint = self.config.metrics.endpoint()
@@ -382,12 +384,17 @@ class Daemon:
             before, after = self.config.daemon, new.daemon
             if (before.socket_mode, before.socket_group) != (after.socket_mode, after.socket_group):
                 self.server.set_access(after.socket_mode, after.socket_group)
+            # Old and new hosts both hold lanes until the old are retired: fewer clients then.
+            swap = len(self.hosts) + len(applied.added) + len(applied.replaced)
+            self.server.set_reserved_fds(reserved_fds(swap))
             retired = await self.hostset.reload(applied, self._drained)
         except StartupError as exc:
+            self.server.set_reserved_fds(reserved_fds(len(self.hosts)))
             if new_metrics is not old_metrics and new_metrics is not None:
                 await new_metrics.close()
             raise ConfigError(source, [str(exc)]) from None
         except BaseException:
+            self.server.set_reserved_fds(reserved_fds(len(self.hosts)))
             if new_metrics is not old_metrics and new_metrics is not None:
                 await new_metrics.close()
             raise
@@ -396,6 +403,7 @@ class Daemon:
         self.fencer.fence_timeout = new.daemon.fence_timeout
         self.fencer.on_timeout = new.daemon.on_timeout
         self.journal.set_limits(new.daemon.journal_max_bytes, new.daemon.journal_keep)
+        self.server.idle_timeout = new.daemon.client_idle_timeout
         self.config, self.keys = new, keys
         self._metrics_server = new_metrics
         for name in applied.removed:
@@ -404,6 +412,7 @@ class Daemon:
             for name in getattr(applied, kind):
                 self._log.info(f"host {kind}", host=name)
         await asyncio.gather(*(self.hostset.retire(h) for h in retired), return_exceptions=True)
+        self.server.set_reserved_fds(reserved_fds(len(self.hosts)))
         if old_metrics is not None and old_metrics is not new_metrics:
             await old_metrics.close()
         return applied

@@ -22,16 +22,24 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabDaemon]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     from tests.integration.conftest import lab_unavailable
 
     reason = lab_unavailable()
     if reason:
         pytest.fail(reason)
-    with Lab(tmp_path_factory.mktemp("lab"), ("esx1",)) as lab:
-        lab.hosts["esx1"].start_vm("gfs-node1")
-        with LabDaemon(lab, aliases={"node1": "gfs-node1"}) as running:
-            yield running
+    with Lab(tmp_path_factory.mktemp("lab"), ("esx1",)) as started:
+        started.hosts["esx1"].start_vm("gfs-node1")
+        yield started
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: Lab) -> Iterator[LabDaemon]:
+    # Idle clients are held on purpose here: none may be closed by the idle timeout meanwhile.
+    with LabDaemon(
+        lab, aliases={"node1": "gfs-node1"}, daemon={"client_idle_timeout": 600}
+    ) as running:
+        yield running
 
 
 def rss_kib(pid: int) -> int:
@@ -70,6 +78,16 @@ def exchange(path: Path, payload: bytes) -> list[dict[str, Any]]:
         except ConnectionResetError:
             pass
     return [json.loads(line) for line in data.splitlines()]
+
+
+def served_again(path: Path) -> dict[str, Any]:
+    """Ask for status until it is served (slots held by closed clients are being freed)."""
+    deadline = time.monotonic() + 60
+    while True:
+        (reply,) = exchange(path, b'{"op":"status"}\n')
+        if reply["ok"] or time.monotonic() > deadline:
+            return reply
+        select.select([], [], [], 0.05)
 
 
 def still_serving(daemon: LabDaemon) -> None:
@@ -154,11 +172,40 @@ def test_idle_and_non_reading_clients_do_not_starve_others(daemon: LabDaemon) ->
         # Every connection beyond the cap is told why; the cap keeps memory bounded.
         (refused,) = exchange(daemon.socket, b'{"op":"status"}\n')
         assert refused["error"]["code"] == "unavailable"
+        assert refused["error"]["message"].startswith(
+            "too many clients: 1024 connected, the limit is 1024 (RLIMIT_NOFILE "
+        )
     finally:
         for sock in idle:
             sock.close()
+    # The daemon frees each slot when it reads that client's EOF: polled, not assumed at once.
+    assert served_again(daemon.socket)["ok"]
     still_serving(daemon)
     assert rss_kib(daemon.proc.pid) - before < 64 * 1024
+
+
+def test_idle_clients_that_never_close_are_reclaimed(lab: Lab) -> None:
+    """More idle connections than the daemon serves, never closed: the idle timeout frees the
+    slots, each idle client is told why, and a new client is served again."""
+    with LabDaemon(lab, daemon={"client_idle_timeout": 1}) as short:
+        idle: list[socket.socket] = []
+        try:
+            for _ in range(1100):
+                sock = socket.socket(socket.AF_UNIX)
+                idle.append(sock)
+                connect(sock, short.socket)
+            reply = served_again(short.socket)  # once the idle clients' slots are reclaimed
+            assert reply["ok"], reply
+            first = idle[0]
+            first.settimeout(20)
+            told = json.loads(first.makefile("rb").readline())
+            assert told["error"] == {
+                "code": "unavailable",
+                "message": "no complete request line within 1 s (client_idle_timeout)",
+            }
+        finally:
+            for sock in idle:
+                sock.close()
 
 
 FUZZ_CODES = {"bad_request", "unknown_op", "too_large", "unknown_vm", "fence_failed"}

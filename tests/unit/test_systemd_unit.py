@@ -71,3 +71,12 @@ def test_unit_promises() -> None:
     assert svc["ProtectSystem"] == ["strict"]
     assert svc["CapabilityBoundingSet"] == ["CAP_CHOWN"]
     assert svc["ReadWritePaths"] == ["/run/vmfenced /var/lib/vmfenced"]
+
+
+def test_limit_nofile_leaves_every_client_slot_beside_many_hosts() -> None:
+    from vmfenced.clientlimits import MAX_CLIENTS, ClientLimits, reserved_fds
+
+    (value,) = section("Service")["LimitNOFILE"]
+    nofile = int(value)  # one number: soft and hard alike, so the daemon need not raise it
+    # A thousand hosts' lanes (reconnects included) and still the full client cap.
+    assert ClientLimits.compute(nofile, reserved_fds(1000)).clients == MAX_CLIENTS
