@@ -116,33 +116,39 @@ class Evidence:
         self, vm: str, views: dict[str, HostView], names: tuple[str, ...], since: dict[str, float]
     ) -> None:
         """Fill `views[name].fresh` (or `.problem`) for each of `names`, all hosts at once."""
-        names = tuple(n for n in names if n in self._hosts)
-        answers = await asyncio.gather(
-            *(self._listing(n).get(since[n]) for n in names), return_exceptions=True
-        )
-        for name, answer in zip(names, answers, strict=True):
-            old = views[name]
-            if isinstance(answer, LinkError):
-                views[name] = replace(old, fresh=None, problem=answer.reason)
-            elif isinstance(answer, BaseException):
-                raise answer
+        answers = await _ask(names, lambda n: self._listing(n).get(since[n]), self._hosts)
+        for name, answer in answers.items():
+            if isinstance(answer, str):
+                views[name] = replace(views[name], fresh=None, problem=answer)
             else:
                 mine = tuple(v for v in answer if v.name == vm)
-                views[name] = replace(old, fresh=mine, problem=None)
+                views[name] = replace(views[name], fresh=mine, problem=None)
 
     async def registrations(
         self, vm: str, views: dict[str, HostView], names: tuple[str, ...], since: float
     ) -> None:
-        names = tuple(n for n in names if n in self._hosts)
-        answers = await asyncio.gather(
-            *(self._registration(n).get(since) for n in names), return_exceptions=True
-        )
-        for name, answer in zip(names, answers, strict=True):
-            old = views[name]
-            if isinstance(answer, LinkError):
-                views[name] = replace(old, registered=None, reg_problem=answer.reason)
-            elif isinstance(answer, BaseException):
-                raise answer
+        """Fill `views[name].registered` (or `.reg_problem`) for each of `names`."""
+        answers = await _ask(names, lambda n: self._registration(n).get(since), self._hosts)
+        for name, answer in answers.items():
+            if isinstance(answer, str):
+                views[name] = replace(views[name], registered=None, reg_problem=answer)
             else:
                 mine = tuple(r for r in answer if r.name == vm)
-                views[name] = replace(old, registered=mine, reg_problem=None)
+                views[name] = replace(views[name], registered=mine, reg_problem=None)
+
+
+async def _ask(
+    names: tuple[str, ...], query: Callable[[str], Awaitable[T]], hosts: dict[str, Host]
+) -> dict[str, T | str]:
+    """Every host's answer at once: the value, or why there is none (a LinkError's reason)."""
+    asked = [n for n in names if n in hosts]
+    answers = await asyncio.gather(*(query(n) for n in asked), return_exceptions=True)
+    out: dict[str, T | str] = {n: "no longer configured" for n in names if n not in hosts}
+    for name, answer in zip(asked, answers, strict=True):
+        if isinstance(answer, LinkError):
+            out[name] = answer.reason
+        elif isinstance(answer, BaseException):
+            raise answer
+        else:
+            out[name] = answer
+    return out
