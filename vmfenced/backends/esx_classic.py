@@ -123,8 +123,10 @@ def parse_proc_listing(text: str) -> tuple[RunningVM, ...]:
 def parse_ps(text: str) -> tuple[RunningVM, ...]:
     """`ps -e -ww -o pid=,args=`: vmware-vmx lines, the .vmx path being the last argument.
 
-    ps joins argv with spaces, so a path with spaces is read as the text after the last " /"
-    that ends in `.vmx` (options before it may hold paths too). A zombie shows as
+    ps joins argv with spaces, so a path with spaces is read as the text from the " /" that
+    starts it to the end; vmware-vmx's options hold no " /" (`-@ pipe=/tmp/...`). A line with
+    two " /" could be read as a shorter path (`/ds1/x /ds1/victim/victim.vmx` is one path):
+    it is a doubt, as is a control character anywhere in it. A zombie shows as
     `[vmware-vmx] <defunct>` and is skipped. A vmware-vmx line without a readable .vmx path is
     an error: it could hide a running VM. ps shows a character it cannot print (a control
     character; any non-ASCII byte in the C locale) as `?`: a path holding `?` may not be the
@@ -141,9 +143,14 @@ def parse_ps(text: str) -> tuple[RunningVM, ...]:
         argv0 = args.split(" ", 1)[0]
         if argv0 != VMX_PROCESS and not argv0.endswith("/" + VMX_PROCESS):
             continue
-        at = args.rfind(" /")
+        check_name(PS_LISTING, args)
+        at = args.find(" /")
         if at < 0 or not args.endswith(".vmx"):
             raise ParseError(PS_LISTING, f"line {number}: no .vmx path in {args[:200]!r}")
+        if args.rfind(" /") != at:
+            raise ParseError(
+                PS_LISTING, f"line {number}: cannot tell where the .vmx path starts: {args[:200]!r}"
+            )
         vmx = args[at + 1 :]
         if "?" in vmx:
             raise ParseError(

@@ -24,16 +24,22 @@ VMDUMPER = "vmdumper -l"
 ESXCLI_XML = "esxcli --formatter=xml vm process list"
 GETALLVMS = "vim-cmd vmsvc/getallvms"
 
-# One record per line. Every field before the name is closed by a quote it cannot hold (a .vmx
-# path holding `"` makes the line unreadable, never read as something else), and the cartel ID
-# is the last thing vmdumper prints: the name runs from `displayName="` to the line's final
-# `" vmxCartelID=<digits>`, so a name holding `"`, `displayName="` or `vmxCartelID=` text stays
-# whole and the cartel stays the one vmdumper wrote. ASCII digits and spaces only (Python's \d
-# and \s would take other scripts' digits and Unicode spaces).
-_VMDUMPER_LINE = re.compile(
-    r'^vmid=(?P<world>[0-9]+) +pid=-?[0-9]+ +cfgFile="(?P<cfg>[^"]*)" +'
-    r'uuid="(?P<uuid>[0-9A-Fa-f \-]*)" +displayName="(?P<name>.*)" +'
+# One record per line. The cartel ID is the last thing vmdumper prints: the name runs from
+# `displayName="` to the line's final `" vmxCartelID=<digits>`, so a name holding `"` or
+# `vmxCartelID=` text stays whole and the cartel stays the one vmdumper wrote. Where the path
+# ends and the name starts is read twice, with the shortest and with the longest path: a name
+# holding `" uuid="..." displayName="`, or a path holding `" uuid="` text, makes the two
+# readings disagree, and the line is a doubt. ASCII digits and spaces only (Python's \d and \s
+# would take other scripts' digits and Unicode spaces).
+_VMDUMPER_FIELDS = (
+    r'" +uuid="(?P<uuid>[0-9A-Fa-f \-]*)" +displayName="(?P<name>.*)" +'
     r"vmxCartelID=(?P<cartel>[0-9]+)$"
+)
+_VMDUMPER_LINE = re.compile(
+    r'^vmid=(?P<world>[0-9]+) +pid=-?[0-9]+ +cfgFile="(?P<cfg>.*?)' + _VMDUMPER_FIELDS
+)
+_VMDUMPER_LONGEST = re.compile(
+    r'^vmid=(?P<world>[0-9]+) +pid=-?[0-9]+ +cfgFile="(?P<cfg>.*)' + _VMDUMPER_FIELDS
 )
 # The File column is the anchor: names contain spaces, and "[datastore] dir/x.vmx" starts the
 # File column. A name may itself hold text of that shape ("a [ds1] b.vmx c"): the row is then
@@ -89,6 +95,11 @@ def parse_vmdumper(text: str) -> tuple[RunningVM, ...]:
         match = _VMDUMPER_LINE.match(line)
         if match is None:
             raise ParseError(VMDUMPER, f"line {number} not understood: {line[:200]!r}")
+        longest = _VMDUMPER_LONGEST.match(line)
+        if longest is None or longest["cfg"] != match["cfg"]:
+            raise ParseError(
+                VMDUMPER, f"line {number}: the path and name cannot be told apart: {line[:200]!r}"
+            )
         vms.append(
             RunningVM(
                 name=check_name(VMDUMPER, match["name"]),
@@ -102,12 +113,15 @@ def parse_vmdumper(text: str) -> tuple[RunningVM, ...]:
 
 
 def _field(structure: ET.Element, name: str) -> str:
-    """The text of one field, as the host wrote it (names are never stripped)."""
-    for field in structure.iter(f"{ESXCLI_NS}field"):
-        if field.get("name") == name:
-            for child in field:
-                return child.text or ""
-    raise ParseError(ESXCLI_XML, f"a VirtualMachine has no {name} field")
+    """The text of one field, as the host wrote it (names are never stripped); a field missing
+    or given twice is a doubt."""
+    fields = [f for f in structure.iter(f"{ESXCLI_NS}field") if f.get("name") == name]
+    if len(fields) != 1:
+        raise ParseError(ESXCLI_XML, f"a VirtualMachine has {len(fields)} {name} fields")
+    values = list(fields[0])
+    if len(values) != 1:
+        raise ParseError(ESXCLI_XML, f"a {name} field holds {len(values)} values")
+    return values[0].text or ""
 
 
 def _number(structure: ET.Element, name: str) -> int:
