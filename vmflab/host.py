@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import ClassVar
 
 from vmflab.control import InitControl, LabError, SshCommandError
-from vmflab.vmfs import HostFiles, vmx_text
+from vmflab.vmfs import NS_VOLUMES, HostFiles, vmx_text, vmx_unescape
 
 INIT_SCRIPT = Path(__file__).with_name("init.py")
 START_TIMEOUT_S = 10.0
 SSHD_PORT_RETRIES = 3
 MAX_WORLD_OFFSET = 1_000_000
 VMDUMPER_LINE = re.compile(
-    r'^vmid=(?P<world>\d+) pid=-1 cfgFile="(?P<cfg>.*)" uuid="(?P<uuid>.*)" '
-    r'displayName="(?P<name>.*)" vmxCartelID=(?P<cartel>\d+)$'
+    r'^vmid=(?P<world>[0-9]+) pid=-1 cfgFile="(?P<cfg>/vmfs/volumes/[^"]*\.vmx)" '
+    r'uuid="(?P<uuid>[0-9a-f -]*)" displayName="(?P<name>.*)" vmxCartelID=(?P<cartel>[0-9]+)$'
 )
+# Characters no vmdumper line can carry unambiguously (str.splitlines() breaks on most).
+UNREADABLE_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -245,21 +247,45 @@ class LabHost:
         return run_ssh(self.ssh_argv(command), self.name, command, check=check, timeout=timeout)
 
     # ---------------------------------------------------------------------- VMs
-    def create_vm(self, name: str, *, datastore: str = "ds1", uuid: str | None = None) -> str:
-        """Writes and registers /vmfs/volumes/<datastore>/<name>/<name>.vmx; returns its path."""
+    def create_vm(
+        self,
+        name: str,
+        *,
+        datastore: str = "ds1",
+        uuid: str | None = None,
+        display_name: str | None = None,
+        directory: str | None = None,
+    ) -> str:
+        """Writes and registers /vmfs/volumes/<datastore>/<directory or name>/<name>.vmx;
+        returns its path (the handle of this VM when several share a name).
+
+        ``display_name`` (default ``name``): any text but NUL (control and line-separator
+        characters, quotes, text shaped like a listing record), as a hostile guest admin could
+        set it; the .vmx stores it |XX-escaped as VMware does. The file and directory names
+        stay plain names (no "/", no control characters).
+        """
         with self._lock:
-            path = self.files.write_vmx(name, datastore, vmx_text(name, uuid))
+            text = vmx_text(name, uuid, display_name)
+            path = self.files.write_vmx(name, datastore, text, directory)
             self._vms[name] = path
             return path
+
+    def _config_of(self, vm: str) -> str:
+        """A VM given by .vmx path (as ``create_vm`` returns it) or by name (created if new)."""
+        if vm.startswith(NS_VOLUMES + "/"):
+            return vm
+        return self._vms.get(vm) or self.create_vm(vm)
 
     def start_vm(self, name: str, *, world_offset: int = 1, busy: bool = False) -> int:
         """Powers the VM on over ssh (creating it if needed); returns its cartel ID.
 
-        ``busy``: the VM's process spins on a CPU until killed instead of sleeping (load).
+        ``name``: a VM name, or the .vmx path ``create_vm`` returned (to start one of several
+        VMs of one name). ``busy``: the VM's process spins on a CPU until killed instead of
+        sleeping (load).
         """
         if not 0 <= world_offset <= MAX_WORLD_OFFSET:
             raise LabError(f"world_offset {world_offset} outside 0..{MAX_WORLD_OFFSET}")
-        path = self._vms.get(name) or self.create_vm(name)
+        path = self._config_of(name)
         mode = " busy" if busy else ""
         result = self.ssh(f"vmflab-vm start {shlex.quote(path)} {world_offset}{mode}")
         text = result.stdout.strip()
@@ -274,7 +300,7 @@ class LabHost:
             return {}
         if not 0 <= world_offset <= MAX_WORLD_OFFSET:
             raise LabError(f"world_offset {world_offset} outside 0..{MAX_WORLD_OFFSET}")
-        paths = [self._vms.get(name) or self.create_vm(name) for name in names]
+        paths = [self._config_of(name) for name in names]
         command = " && ".join(f"vmflab-vm start {shlex.quote(p)} {world_offset}" for p in paths)
         lines = self.ssh(command, timeout=15 + len(names)).stdout.split()
         if len(lines) != len(names) or not all(line.isdigit() for line in lines):
@@ -284,19 +310,32 @@ class LabHost:
         return {name: int(line) for name, line in zip(names, lines, strict=True)}
 
     def stop_vm(self, name: str) -> None:
-        """``kill -9`` of the VM's cartel over ssh, returning once the process is gone."""
-        cartel = self.vm_pids().get(name)
+        """``kill -9`` of the VM's cartel over ssh, returning once the process is gone.
+        ``name``: a VM name (one running VM has it) or a .vmx path."""
+        if name.startswith(NS_VOLUMES + "/"):
+            cartels = [vm.cartel for vm in self.vm_processes() if vm.config_file == name]
+            cartel = cartels[0] if cartels else None
+        else:
+            cartel = self.vm_pids().get(name)
         if cartel is None:
             raise LabError(f"VM {name!r} is not running", host=self.name)
         self.ssh(f"vmflab-vm stop {cartel}")
 
     def running_vms(self) -> list[RunningVm]:
-        """Running VMs as ``vmdumper -l`` (over ssh) reports them."""
+        """Running VMs as ``vmdumper -l`` (over ssh) reports them.
+
+        Strict, as the daemon's parser: lines end at "\n" only, every line must be read, and
+        a name holding a control or line-separator character, or a cartel listed twice, is a
+        LabError (``vm_processes`` tells such VMs apart exactly).
+        """
         result = self.ssh("vmdumper -l")
+        lines = result.stdout.split("\n")
+        if lines[-1] == "":
+            lines.pop()
         vms = []
-        for line in result.stdout.splitlines():
+        for line in lines:
             match = VMDUMPER_LINE.match(line)
-            if match is None:
+            if match is None or UNREADABLE_IN_LINE.search(line):
                 raise LabError(f"unexpected vmdumper line {line!r}", host=self.name)
             vms.append(
                 RunningVm(
@@ -307,11 +346,33 @@ class LabHost:
                     config_file=match["cfg"],
                 )
             )
+        if len({vm.cartel for vm in vms}) != len(vms):
+            raise LabError(f"vmdumper lists a cartel twice: {vms}", host=self.name)
+        return vms
+
+    def vm_processes(self) -> list[RunningVm]:
+        """Running VMs, exactly (display names of any text): from the host's process table
+        and the run files, where names stay |XX-escaped, never through vmdumper's text."""
+        vms = []
+        for line in self.ssh("vmflab-vm list").stdout.split("\n"):
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != 5 or not fields[0].isdigit() or not fields[1].isdigit():
+                raise LabError(f"unexpected vmflab-vm list line {line!r}", host=self.name)
+            cartel, world, uuid, name, cfg = fields
+            vms.append(RunningVm(vmx_unescape(name), int(cartel), int(world), uuid, cfg))
         return vms
 
     def vm_pids(self) -> dict[str, int]:
-        """Cartel IDs of the running VMs by display name (zombies excluded)."""
-        return {vm.name: vm.cartel for vm in self.running_vms()}
+        """Cartel IDs of the running VMs by display name (zombies excluded). A name that two
+        running VMs share is a LabError: use ``vm_processes`` for those."""
+        pids: dict[str, int] = {}
+        for vm in self.running_vms():
+            if vm.name in pids:
+                raise LabError(f"two running VMs are called {vm.name!r}", host=self.name)
+            pids[vm.name] = vm.cartel
+        return pids
 
     def pid_alive(self, pid: int) -> bool:
         """Whether ``pid`` is a live (non-zombie) process of this host."""
@@ -329,9 +390,15 @@ class LabHost:
         return result.returncode == 0
 
     def unregister_vm(self, name: str) -> None:
-        """Removes the VM's .vmx (the VM moved away); a running VM keeps running."""
+        """Removes the VM's .vmx (the VM moved away); a running VM keeps running.
+        ``name``: a VM name or a .vmx path."""
         with self._lock:
-            path = self._vms.pop(name, None)
+            if name.startswith(NS_VOLUMES + "/"):
+                path: str | None = name
+                if self._vms.get(vm_name_of(name)) == name:
+                    del self._vms[vm_name_of(name)]
+            else:
+                path = self._vms.pop(name, None)
             self.files.remove_vmx(path or self.files.vmx_path(name, "ds1"))
 
     def set_next_pid(self, pid: int) -> None:
@@ -440,6 +507,11 @@ def run_ssh(
             stderr=result.stderr,
         )
     return result
+
+
+def vm_name_of(path: str) -> str:
+    """``/vmfs/volumes/ds1/dir/node1.vmx`` -> ``node1``."""
+    return path.rsplit("/", 1)[-1].removesuffix(".vmx")
 
 
 def parent_pid(proc_dir: Path) -> int | None:
