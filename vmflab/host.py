@@ -487,16 +487,18 @@ def ssh_argv(settings: SshSettings, address: str, port: int, command: str) -> li
 def run_ssh(
     argv: list[str], host: str, command: str, *, check: bool, timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    """Runs an ``ssh_argv`` command line; SshCommandError when ``check`` and it fails."""
-    result = subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=timeout,
-        check=False,
+    """Runs an ``ssh_argv`` command line; SshCommandError when ``check`` and it fails.
+
+    The output is decoded as is: text mode would also turn "\r" into "\n" (universal
+    newlines), and a host's answer must reach a parser exactly as the host wrote it."""
+    raw = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+    )
+    result = subprocess.CompletedProcess(
+        raw.args,
+        raw.returncode,
+        raw.stdout.decode("utf-8", errors="replace"),
+        raw.stderr.decode("utf-8", errors="replace"),
     )
     if check and result.returncode != 0:
         raise SshCommandError(
