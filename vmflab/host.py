@@ -255,6 +255,7 @@ class LabHost:
         uuid: str | None = None,
         display_name: str | None = None,
         directory: str | None = None,
+        annotation: str | None = None,
     ) -> str:
         """Writes and registers /vmfs/volumes/<datastore>/<directory or name>/<name>.vmx;
         returns its path (the handle of this VM when several share a name).
@@ -262,10 +263,11 @@ class LabHost:
         ``display_name`` (default ``name``): any text but NUL (control and line-separator
         characters, quotes, text shaped like a listing record), as a hostile guest admin could
         set it; the .vmx stores it |XX-escaped as VMware does. The file and directory names
-        stay plain names (no "/", no control characters).
+        stay plain names (no "/", no control characters). ``annotation``: free text; its
+        newlines continue ``vim-cmd vmsvc/getallvms`` rows on following lines, as on ESXi.
         """
         with self._lock:
-            text = vmx_text(name, uuid, display_name)
+            text = vmx_text(name, uuid, display_name, annotation)
             path = self.files.write_vmx(name, datastore, text, directory)
             self._vms[name] = path
             return path

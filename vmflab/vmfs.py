@@ -85,12 +85,18 @@ def vmware_uuid(text: str | None) -> str:
     return " ".join(pairs[:8]) + "-" + " ".join(pairs[8:])
 
 
-def vmx_text(name: str, uuid: str | None, display_name: str | None = None) -> str:
-    """``name``: the file's name; ``display_name`` (default: ``name``) may differ from it."""
+def vmx_text(
+    name: str, uuid: str | None, display_name: str | None = None, annotation: str | None = None
+) -> str:
+    """``name``: the file's name; ``display_name`` (default: ``name``) may differ from it;
+    ``annotation``: free text (newlines make vim-cmd's listing continue on following lines)."""
     check_vm_name(name)
     shown = name if display_name is None else display_name
     check_display_name(shown)
+    if annotation is not None and "\0" in annotation:
+        raise LabError("an annotation cannot hold NUL")
     bios = vmware_uuid(uuid)
+    notes = [] if annotation is None else [f'annotation = "{vmx_escape(annotation)}"']
     return "\n".join(
         [
             '.encoding = "UTF-8"',
@@ -102,6 +108,7 @@ def vmx_text(name: str, uuid: str | None, display_name: str | None = None) -> st
             f'uuid.location = "{bios}"',
             'memSize = "32"',
             'numvcpus = "1"',
+            *notes,
             "",
         ]
     )

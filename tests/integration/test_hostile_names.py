@@ -257,3 +257,38 @@ def test_classic_power_on_refuses_a_vmx_not_registered_there(classic_lab: Lab) -
     status, output = run(ec.power_on_command(gone))
     assert status != 0 and output.splitlines()[-1].startswith("vmf:refused "), output
     assert host.vm_processes() == []
+
+
+def test_lab_prints_hostile_names_as_esxi_would(esx_lab: Lab) -> None:
+    """The shims print a display name as stored, decoded from the .vmx's |XX escapes; ps
+    shows its control characters as "?" (busybox ps)."""
+    host = esx_lab.hosts["esx1"]
+    name = 'a|7C|b"c\rd\x85e\u2028f\x1eg'
+    cartel = host.start_vm(host.create_vm("odd", display_name=name))
+    run = esxi_run(host)
+    _, dumped = run("vmdumper -l")
+    assert f'displayName="{name}" vmxCartelID={cartel}\n' in dumped
+    _, xml = run(esxi.ESXCLI_XML)
+    assert "<string>a|7C|b&quot;c\rd\x85e\u2028f\x1eg</string>" in xml
+    _, worlds = run("ps -c")
+    assert 'vmx-vcpu-0:a|7C|b"c?d\x85e\u2028f?g' in worlds
+    assert [vm.name for vm in host.vm_processes()] == [name]
+
+
+def test_multi_line_annotations_never_hide_or_forge_a_registered_vm(esx_lab: Lab) -> None:
+    host = esx_lab.hosts["esx1"]
+    host.create_vm("vm1", annotation="first line\nsecond line\n  12 spaces first\n")
+    host.create_vm("vm2", annotation="cloned from [ds1] old/old.vmx")
+    run = esxi_run(host)
+    _, output = run(esxi.GETALLVMS)
+    assert "\nsecond line\n" in output
+    assert sorted(vm.name for vm in esxi.parse_getallvms(output)) == ["vm1", "vm2"]
+    # A continuation line that starts like a row must read as one: here it repeats vm1's
+    # Vmid, a doubt; an unreadable one is a doubt too.
+    vmid = {vm.name: vm.vmid for vm in esxi.parse_getallvms(output)}["vm1"]
+    forged = f"x\n{vmid}      victim     [ds1] victim/victim.vmx     otherGuest     vmx-13"
+    for annotation in (forged, "notes\n2019 upgrade"):
+        host.create_vm("vm3", annotation=annotation)
+        _, output = run(esxi.GETALLVMS)
+        with pytest.raises(ParseError):
+            esxi.parse_getallvms(output)
