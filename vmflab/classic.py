@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from vmflab.control import LabError
-from vmflab.host import START_TIMEOUT_S, LabHost, RunningVm, vm_name_of
+from vmflab.host import START_TIMEOUT_S, LabHost, RunningVm
 from vmflab.vmfs import NS_VOLUMES
+from vmflab.vmlist import vm_name_of
 
 CLASSIC_SHIMS_DIR = Path(__file__).resolve().parent / "shims_classic"
 ESXI_ONLY_SHIMS = ("ps", "vmdumper", "esxcli", "vim-cmd", "awk")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -16,29 +15,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from vmflab.control import InitControl, LabError, SshCommandError
-from vmflab.vmfs import NS_VOLUMES, HostFiles, vmx_text, vmx_unescape
+from vmflab.vmfs import NS_VOLUMES, HostFiles, vmx_text
+from vmflab.vmlist import RunningVm, parse_vm_list, parse_vmdumper, vm_name_of
+
+__all__ = ["LabHost", "RunningVm", "SshSettings", "parent_pid", "run_ssh", "ssh_argv"]
 
 INIT_SCRIPT = Path(__file__).with_name("init.py")
 START_TIMEOUT_S = 10.0
 SSHD_PORT_RETRIES = 3
 MAX_WORLD_OFFSET = 1_000_000
-VMDUMPER_LINE = re.compile(
-    r'^vmid=(?P<world>[0-9]+) pid=-1 cfgFile="(?P<cfg>/vmfs/volumes/[^"]*\.vmx)" '
-    r'uuid="(?P<uuid>[0-9a-f -]*)" displayName="(?P<name>.*)" vmxCartelID=(?P<cartel>[0-9]+)$'
-)
-# Characters no vmdumper line can carry unambiguously (str.splitlines() breaks on most).
-UNREADABLE_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-@dataclass(frozen=True)
-class RunningVm:
-    """A running VM as ``vmdumper -l`` reports it."""
-
-    name: str
-    cartel: int
-    world: int
-    uuid: str
-    config_file: str
 
 
 @dataclass(frozen=True)
@@ -330,41 +315,12 @@ class LabHost:
         a name holding a control or line-separator character, or a cartel listed twice, is a
         LabError (``vm_processes`` tells such VMs apart exactly).
         """
-        result = self.ssh("vmdumper -l")
-        lines = result.stdout.split("\n")
-        if lines[-1] == "":
-            lines.pop()
-        vms = []
-        for line in lines:
-            match = VMDUMPER_LINE.match(line)
-            if match is None or UNREADABLE_IN_LINE.search(line):
-                raise LabError(f"unexpected vmdumper line {line!r}", host=self.name)
-            vms.append(
-                RunningVm(
-                    name=match["name"],
-                    cartel=int(match["cartel"]),
-                    world=int(match["world"]),
-                    uuid=match["uuid"],
-                    config_file=match["cfg"],
-                )
-            )
-        if len({vm.cartel for vm in vms}) != len(vms):
-            raise LabError(f"vmdumper lists a cartel twice: {vms}", host=self.name)
-        return vms
+        return parse_vmdumper(self.ssh("vmdumper -l").stdout, self.name)
 
     def vm_processes(self) -> list[RunningVm]:
         """Running VMs, exactly (display names of any text): from the host's process table
         and the run files, where names stay |XX-escaped, never through vmdumper's text."""
-        vms = []
-        for line in self.ssh("vmflab-vm list").stdout.split("\n"):
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != 5 or not fields[0].isdigit() or not fields[1].isdigit():
-                raise LabError(f"unexpected vmflab-vm list line {line!r}", host=self.name)
-            cartel, world, uuid, name, cfg = fields
-            vms.append(RunningVm(vmx_unescape(name), int(cartel), int(world), uuid, cfg))
-        return vms
+        return parse_vm_list(self.ssh("vmflab-vm list").stdout, self.name)
 
     def vm_pids(self) -> dict[str, int]:
         """Cartel IDs of the running VMs by display name (zombies excluded). A name that two
@@ -511,11 +467,6 @@ def run_ssh(
             stderr=result.stderr,
         )
     return result
-
-
-def vm_name_of(path: str) -> str:
-    """``/vmfs/volumes/ds1/dir/node1.vmx`` -> ``node1``."""
-    return path.rsplit("/", 1)[-1].removesuffix(".vmx")
 
 
 def parent_pid(proc_dir: Path) -> int | None:

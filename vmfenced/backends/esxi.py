@@ -159,10 +159,15 @@ def parse_esxcli_xml(text: str) -> tuple[RunningVM, ...]:
 def parse_getallvms(text: str) -> tuple[RegisteredVM, ...]:
     """`vim-cmd vmsvc/getallvms`: a header, then one row per registered VM.
 
-    A row may be followed by lines continuing its multi-line annotation; those never start
-    with a Vmid and a space, so a row never hides among them. A line that starts like a row
-    but cannot be read, a Vmid listed twice, or a name or file holding a control or
+    A row may be followed by lines continuing its multi-line annotation. Rows start with a
+    Vmid and a space, so a line that does not is a continuation, and a real row never hides
+    among them; a line that starts like a row must read as one. So a line that starts like a
+    row but cannot be read, a Vmid listed twice, or a name or file holding a control or
     line-separator character fails the listing: a registered VM never vanishes silently.
+
+    What vim-cmd's text cannot tell apart: an annotation line shaped like a whole row reads
+    as a row. Its Vmid must then be one no real row has, and the power-on re-check on the host
+    reads the same text: `vim-cmd vmsvc/power.on` of a Vmid no VM has fails (NotFound).
     """
     lines = split_lines(text)
     if not lines or lines[0].split()[:2] != ["Vmid", "Name"]:
