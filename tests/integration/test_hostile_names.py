@@ -18,7 +18,7 @@ from vmfenced.backends import esxi
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
 from vmfenced.model import RegisteredVM, RunningVM
-from vmflab import EsxClassicHost, Lab, LabHost
+from vmflab import EsxClassicHost, Lab, LabError, LabHost
 
 pytestmark = pytest.mark.integration
 
@@ -292,3 +292,26 @@ def test_multi_line_annotations_never_hide_or_forge_a_registered_vm(esx_lab: Lab
         _, output = run(esxi.GETALLVMS)
         with pytest.raises(ParseError):
             esxi.parse_getallvms(output)
+
+
+def test_lab_views_of_hostile_and_shared_names(esx_lab: Lab) -> None:
+    """The lab's strict vmdumper view refuses what it cannot read; its exact view and its
+    path handles tell every VM apart."""
+    host = esx_lab.hosts["esx1"]
+    first, second = (host.create_vm("node1", datastore=ds) for ds in ("ds1", "ds2"))
+    cartels = {path: host.start_vm(path) for path in (first, second)}
+    with pytest.raises(LabError, match="two running VMs"):
+        host.vm_pids()
+    host.stop_vm(second)
+    assert host.vm_pids() == {"node1": cartels[first]}
+    hostile = host.create_vm("evil", display_name="evil\rname")
+    evil = host.start_vm(hostile)
+    with pytest.raises(LabError, match="unexpected vmdumper line"):
+        host.running_vms()
+    assert {(vm.name, vm.config_file, vm.cartel) for vm in host.vm_processes()} == {
+        ("node1", first, cartels[first]),
+        ("evil\rname", hostile, evil),
+    }
+    host.stop_vm(hostile)
+    host.unregister_vm(hostile)
+    assert host.vm_pids() == {"node1": cartels[first]}
