@@ -538,6 +538,7 @@ def test_power_on_starts_the_vmid_that_still_names_that_vm(
     tmp_path: Path, shell: list[str]
 ) -> None:
     rows = table((3, "other", "[ds1] other/other.vmx"), (12, NODE.name, NODE.config_file))
+    rows += "  12 an annotation line, not a row\n"
     assert parse_getallvms(rows)[1] == NODE
     out, started = run_power_on(tmp_path, shell, power_on_command(NODE), rows)
     assert started == ["12"], out
@@ -559,6 +560,7 @@ def test_power_on_starts_the_vmid_that_still_names_that_vm(
         (table(), 0, "no Vmid 12"),
         # An annotation line that starts with the Vmid: two lines for one Vmid is a doubt.
         (table((12, NODE.name, NODE.config_file)) + "12 monkeys\n", 0, "is no longer"),
+        (table((12, NODE.name + "x", NODE.config_file)) + f"  12 {NODE.name}", 0, "is no longer"),
         (table((12, NODE.name, NODE.config_file)), 1, "getallvms failed"),
         ("vim.fault.NotAuthenticated\n", 0, "no getallvms table"),
         # 012 is not 12: Vmids are compared as text.

@@ -261,18 +261,18 @@ def session_setup(_host: HostConfig) -> str:
     return SESSION_SETUP
 
 
-# Reads `vim-cmd vmsvc/getallvms` on stdin; exits 0 when exactly one row has Vmid
-# ENVIRON["VMF_ID"] (compared as strings) and that row's Name and File are ENVIRON["VMF_NAME"]
-# and ENVIRON["VMF_FILE"] (whole, between column gaps), 1 when no row has that Vmid, 2 when it
-# names something else or is listed twice, 3 without the header. Names are compared as data,
-# never parsed as awk text.
+# Reads `vim-cmd vmsvc/getallvms` on stdin; exits 0 when exactly one row (a line starting with
+# the Vmid and a space, as parse_getallvms reads rows) has Vmid ENVIRON["VMF_ID"] and that
+# row's Name and File are ENVIRON["VMF_NAME"] and ENVIRON["VMF_FILE"] (whole, between column
+# gaps), 1 when no row has that Vmid, 2 when it names something else or is listed twice, 3
+# without the header. Names are compared as strings, never parsed as awk text.
 _POWER_ON_CHECK = r"""
 function gap(s) { return match(s, /^[ \t]+/) ? substr(s, RLENGTH + 1) : "\n" }
 NR == 1 { h = ($1 == "Vmid"); next }
-$1 "" == ENVIRON["VMF_ID"] "" {
+{ id = ENVIRON["VMF_ID"]; name = ENVIRON["VMF_NAME"]; file = ENVIRON["VMF_FILE"] }
+substr($0, 1, length(id)) == id "" && substr($0, length(id) + 1, 1) ~ /^[ \t]$/ {
   n++
-  name = ENVIRON["VMF_NAME"]; file = ENVIRON["VMF_FILE"]
-  r = gap(substr($0, length($1) + 1))
+  r = gap(substr($0, length(id) + 1))
   if (substr(r, 1, length(name)) != name) next
   r = gap(substr(r, length(name) + 1))
   if (substr(r, 1, length(file)) != file) next
