@@ -413,6 +413,9 @@ def test_esxcli_xml_same_display_name_twice_is_two_vms_and_ids_are_unique() -> N
     )
     with pytest.raises(ParseError, match="2 DisplayName fields"):
         parse_esxcli_xml(doubled)
+    nested = ESXCLI_XML.replace("<string>RH236_3.1</string>", "<string>victim<b/>x</string>")
+    with pytest.raises(ParseError, match="not one plain value"):
+        parse_esxcli_xml(nested)
 
 
 GETALLVMS_HEADER = (

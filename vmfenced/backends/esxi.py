@@ -119,8 +119,9 @@ def _field(structure: ET.Element, name: str) -> str:
     if len(fields) != 1:
         raise ParseError(ESXCLI_XML, f"a VirtualMachine has {len(fields)} {name} fields")
     values = list(fields[0])
-    if len(values) != 1:
-        raise ParseError(ESXCLI_XML, f"a {name} field holds {len(values)} values")
+    if len(values) != 1 or len(values[0]):
+        # `.text` would be the text before a nested element: part of a name, read as a name.
+        raise ParseError(ESXCLI_XML, f"a {name} field is not one plain value")
     return values[0].text or ""
 
 
