@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import lab_unavailable
+from tests.integration.test_hostile_names import skip_without_lab
 from vmflab import EsxClassicHost, Lab, LabHost
 from vmflab.daemon import LabDaemon
 
@@ -25,18 +25,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def esx_lab(tmp_path: Path) -> Iterator[Lab]:
     """Two ESXi lab hosts (esx1, esx2); every process is killed afterwards."""
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    skip_without_lab()
     with Lab(tmp_path / "lab", host_names=("esx1", "esx2")) as started:
         yield started
 
 
 @pytest.fixture
 def classic_lab(tmp_path: Path) -> Iterator[Lab]:
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    skip_without_lab()
     with Lab(tmp_path / "lab", host_names=(), classic_hosts=("esx3a",)) as started:
         yield started
 
