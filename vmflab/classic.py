@@ -15,6 +15,8 @@ from typing import ClassVar
 
 from vmflab.control import LabError
 from vmflab.host import START_TIMEOUT_S, LabHost, RunningVm
+from vmflab.vmfs import NS_VOLUMES
+from vmflab.vmlist import vm_name_of
 
 CLASSIC_SHIMS_DIR = Path(__file__).resolve().parent / "shims_classic"
 ESXI_ONLY_SHIMS = ("ps", "vmdumper", "esxcli", "vim-cmd", "awk")
@@ -53,11 +55,13 @@ class EsxClassicHost(LabHost):
         self._next_pid = pid
 
     def start_vm(self, name: str, *, world_offset: int = 1, busy: bool = False) -> int:
-        """Starts the VM's vmware-vmx over ssh (creating the .vmx if needed); returns its PID."""
+        """Starts the VM's vmware-vmx over ssh (creating the .vmx if needed); returns its PID.
+        ``name``: a VM name or a .vmx path (``create_vm(name, directory=...)`` makes several
+        .vmx files of one base name)."""
         del world_offset  # ESX 3 has no worlds separate from the process
         if busy:
             raise LabError("busy VMs exist on ESXi lab hosts only", host=self.name)
-        path = self._vms.get(name) or self.create_vm(name)
+        path = self._config_of(name)
         pid, self._next_pid = self._next_pid, None
         command = f"vmflab-classic start {shlex.quote(path)}" + (f" {pid}" if pid else "")
         text = self.ssh(command).stdout.strip()
@@ -66,21 +70,36 @@ class EsxClassicHost(LabHost):
         return int(text)
 
     def stop_vm(self, name: str) -> None:
-        pid = self.vm_pids().get(name)
+        """``name``: a VM name (one running VM has it) or a .vmx path."""
+        if name.startswith(NS_VOLUMES + "/"):
+            pids = [vm.cartel for vm in self.running_vms() if vm.config_file == name]
+            pid = pids[0] if pids else None
+        else:
+            pid = self.vm_pids().get(name)
         if pid is None:
             raise LabError(f"VM {name!r} is not running", host=self.name)
         self.ssh(f"vmflab-classic stop {pid}")
 
     def running_vms(self) -> list[RunningVm]:
-        """Live vmware-vmx processes (by comm, independent of vmfenced's argv parsing)."""
+        """Live vmware-vmx processes (by comm, independent of vmfenced's argv parsing); lines
+        end at "\n" only (the lab's .vmx paths hold no control characters)."""
         vms = []
-        for line in self.ssh("vmflab-classic list").stdout.splitlines():
+        for line in self.ssh("vmflab-classic list").stdout.split("\n"):
+            if not line:
+                continue
             pid, sep, path = line.partition("\t")
             if not sep or not pid.isdigit():
                 raise LabError(f"unexpected vmflab-classic line {line!r}", host=self.name)
-            name = path.rsplit("/", 1)[-1].removesuffix(".vmx")
-            vms.append(RunningVm(name=name, cartel=int(pid), world=0, uuid="", config_file=path))
+            vms.append(
+                RunningVm(
+                    name=vm_name_of(path), cartel=int(pid), world=0, uuid="", config_file=path
+                )
+            )
         return vms
+
+    def vm_processes(self) -> list[RunningVm]:
+        """Every live vmware-vmx, exactly: the same as ``running_vms`` here."""
+        return self.running_vms()
 
     def vmware_cmd(self, *args: str) -> str:
         """Runs the (slow) vmware-cmd shim; returns its output."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -16,27 +15,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from vmflab.control import InitControl, LabError, SshCommandError
-from vmflab.vmfs import HostFiles, vmx_text
+from vmflab.vmfs import NS_VOLUMES, HostFiles, vmx_text
+from vmflab.vmlist import RunningVm, parse_vm_list, parse_vmdumper, vm_name_of
+
+__all__ = ["LabHost", "RunningVm", "SshSettings", "parent_pid", "run_ssh", "ssh_argv"]
 
 INIT_SCRIPT = Path(__file__).with_name("init.py")
 START_TIMEOUT_S = 10.0
 SSHD_PORT_RETRIES = 3
 MAX_WORLD_OFFSET = 1_000_000
-VMDUMPER_LINE = re.compile(
-    r'^vmid=(?P<world>\d+) pid=-1 cfgFile="(?P<cfg>.*)" uuid="(?P<uuid>.*)" '
-    r'displayName="(?P<name>.*)" vmxCartelID=(?P<cartel>\d+)$'
-)
-
-
-@dataclass(frozen=True)
-class RunningVm:
-    """A running VM as ``vmdumper -l`` reports it."""
-
-    name: str
-    cartel: int
-    world: int
-    uuid: str
-    config_file: str
 
 
 @dataclass(frozen=True)
@@ -245,21 +232,47 @@ class LabHost:
         return run_ssh(self.ssh_argv(command), self.name, command, check=check, timeout=timeout)
 
     # ---------------------------------------------------------------------- VMs
-    def create_vm(self, name: str, *, datastore: str = "ds1", uuid: str | None = None) -> str:
-        """Writes and registers /vmfs/volumes/<datastore>/<name>/<name>.vmx; returns its path."""
+    def create_vm(
+        self,
+        name: str,
+        *,
+        datastore: str = "ds1",
+        uuid: str | None = None,
+        display_name: str | None = None,
+        directory: str | None = None,
+        annotation: str | None = None,
+    ) -> str:
+        """Writes and registers /vmfs/volumes/<datastore>/<directory or name>/<name>.vmx;
+        returns its path (the handle of this VM when several share a name).
+
+        ``display_name`` (default ``name``): any text but NUL (control and line-separator
+        characters, quotes, text shaped like a listing record), as a hostile guest admin could
+        set it; the .vmx stores it |XX-escaped as VMware does. The file and directory names
+        stay plain names (no "/", no control characters). ``annotation``: free text; its
+        newlines continue ``vim-cmd vmsvc/getallvms`` rows on following lines, as on ESXi.
+        """
         with self._lock:
-            path = self.files.write_vmx(name, datastore, vmx_text(name, uuid))
+            text = vmx_text(name, uuid, display_name, annotation)
+            path = self.files.write_vmx(name, datastore, text, directory)
             self._vms[name] = path
             return path
+
+    def _config_of(self, vm: str) -> str:
+        """A VM given by .vmx path (as ``create_vm`` returns it) or by name (created if new)."""
+        if vm.startswith(NS_VOLUMES + "/"):
+            return vm
+        return self._vms.get(vm) or self.create_vm(vm)
 
     def start_vm(self, name: str, *, world_offset: int = 1, busy: bool = False) -> int:
         """Powers the VM on over ssh (creating it if needed); returns its cartel ID.
 
-        ``busy``: the VM's process spins on a CPU until killed instead of sleeping (load).
+        ``name``: a VM name, or the .vmx path ``create_vm`` returned (to start one of several
+        VMs of one name). ``busy``: the VM's process spins on a CPU until killed instead of
+        sleeping (load).
         """
         if not 0 <= world_offset <= MAX_WORLD_OFFSET:
             raise LabError(f"world_offset {world_offset} outside 0..{MAX_WORLD_OFFSET}")
-        path = self._vms.get(name) or self.create_vm(name)
+        path = self._config_of(name)
         mode = " busy" if busy else ""
         result = self.ssh(f"vmflab-vm start {shlex.quote(path)} {world_offset}{mode}")
         text = result.stdout.strip()
@@ -274,7 +287,7 @@ class LabHost:
             return {}
         if not 0 <= world_offset <= MAX_WORLD_OFFSET:
             raise LabError(f"world_offset {world_offset} outside 0..{MAX_WORLD_OFFSET}")
-        paths = [self._vms.get(name) or self.create_vm(name) for name in names]
+        paths = [self._config_of(name) for name in names]
         command = " && ".join(f"vmflab-vm start {shlex.quote(p)} {world_offset}" for p in paths)
         lines = self.ssh(command, timeout=15 + len(names)).stdout.split()
         if len(lines) != len(names) or not all(line.isdigit() for line in lines):
@@ -284,34 +297,40 @@ class LabHost:
         return {name: int(line) for name, line in zip(names, lines, strict=True)}
 
     def stop_vm(self, name: str) -> None:
-        """``kill -9`` of the VM's cartel over ssh, returning once the process is gone."""
-        cartel = self.vm_pids().get(name)
+        """``kill -9`` of the VM's cartel over ssh, returning once the process is gone.
+        ``name``: a VM name (one running VM has it) or a .vmx path."""
+        if name.startswith(NS_VOLUMES + "/"):
+            cartels = [vm.cartel for vm in self.vm_processes() if vm.config_file == name]
+            cartel = cartels[0] if cartels else None
+        else:
+            cartel = self.vm_pids().get(name)
         if cartel is None:
             raise LabError(f"VM {name!r} is not running", host=self.name)
         self.ssh(f"vmflab-vm stop {cartel}")
 
     def running_vms(self) -> list[RunningVm]:
-        """Running VMs as ``vmdumper -l`` (over ssh) reports them."""
-        result = self.ssh("vmdumper -l")
-        vms = []
-        for line in result.stdout.splitlines():
-            match = VMDUMPER_LINE.match(line)
-            if match is None:
-                raise LabError(f"unexpected vmdumper line {line!r}", host=self.name)
-            vms.append(
-                RunningVm(
-                    name=match["name"],
-                    cartel=int(match["cartel"]),
-                    world=int(match["world"]),
-                    uuid=match["uuid"],
-                    config_file=match["cfg"],
-                )
-            )
-        return vms
+        """Running VMs as ``vmdumper -l`` (over ssh) reports them.
+
+        Strict, as the daemon's parser: lines end at "\n" only, every line must be read, and
+        a name holding a control or line-separator character, or a cartel listed twice, is a
+        LabError (``vm_processes`` tells such VMs apart exactly).
+        """
+        return parse_vmdumper(self.ssh("vmdumper -l").stdout, self.name)
+
+    def vm_processes(self) -> list[RunningVm]:
+        """Running VMs, exactly (display names of any text): from the host's process table
+        and the run files, where names stay |XX-escaped, never through vmdumper's text."""
+        return parse_vm_list(self.ssh("vmflab-vm list").stdout, self.name)
 
     def vm_pids(self) -> dict[str, int]:
-        """Cartel IDs of the running VMs by display name (zombies excluded)."""
-        return {vm.name: vm.cartel for vm in self.running_vms()}
+        """Cartel IDs of the running VMs by display name (zombies excluded). A name that two
+        running VMs share is a LabError: use ``vm_processes`` for those."""
+        pids: dict[str, int] = {}
+        for vm in self.running_vms():
+            if vm.name in pids:
+                raise LabError(f"two running VMs are called {vm.name!r}", host=self.name)
+            pids[vm.name] = vm.cartel
+        return pids
 
     def pid_alive(self, pid: int) -> bool:
         """Whether ``pid`` is a live (non-zombie) process of this host."""
@@ -329,9 +348,15 @@ class LabHost:
         return result.returncode == 0
 
     def unregister_vm(self, name: str) -> None:
-        """Removes the VM's .vmx (the VM moved away); a running VM keeps running."""
+        """Removes the VM's .vmx (the VM moved away); a running VM keeps running.
+        ``name``: a VM name or a .vmx path."""
         with self._lock:
-            path = self._vms.pop(name, None)
+            if name.startswith(NS_VOLUMES + "/"):
+                path: str | None = name
+                if self._vms.get(vm_name_of(name)) == name:
+                    del self._vms[vm_name_of(name)]
+            else:
+                path = self._vms.pop(name, None)
             self.files.remove_vmx(path or self.files.vmx_path(name, "ds1"))
 
     def set_next_pid(self, pid: int) -> None:
@@ -420,16 +445,18 @@ def ssh_argv(settings: SshSettings, address: str, port: int, command: str) -> li
 def run_ssh(
     argv: list[str], host: str, command: str, *, check: bool, timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    """Runs an ``ssh_argv`` command line; SshCommandError when ``check`` and it fails."""
-    result = subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=timeout,
-        check=False,
+    """Runs an ``ssh_argv`` command line; SshCommandError when ``check`` and it fails.
+
+    The output is decoded as is: text mode would also turn "\r" into "\n" (universal
+    newlines), and a host's answer must reach a parser exactly as the host wrote it."""
+    raw = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+    )
+    result = subprocess.CompletedProcess(
+        raw.args,
+        raw.returncode,
+        raw.stdout.decode("utf-8", errors="replace"),
+        raw.stderr.decode("utf-8", errors="replace"),
     )
     if check and result.returncode != 0:
         raise SshCommandError(

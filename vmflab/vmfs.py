@@ -24,6 +24,9 @@ NS_VOLUMES = "/vmfs/volumes"
 SHIM_PATH = f"{NS_LAB}/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_VM_NAME = 80
 FORBIDDEN_IN_NAME = set('/\\"|')
+# A display name is a .vmx value, not a path: it may hold any character but NUL (hostile names
+# for the tests: control and line-separator characters, quotes, text shaped like records).
+MAX_DISPLAY_NAME = 512
 DATASTORE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,41}$")
 VMWARE_UUID = re.compile(r"^([0-9a-f]{2} ){7}[0-9a-f]{2}-([0-9a-f]{2} ){7}[0-9a-f]{2}$")
 LOCK_STALE_S = 3.0
@@ -38,6 +41,28 @@ def check_vm_name(name: str) -> None:
     bad = [c for c in name if c in FORBIDDEN_IN_NAME or ord(c) < 32 or 127 <= ord(c) < 160]
     if bad:
         raise LabError(f"VM name {name!r} contains unsupported characters {bad!r}")
+
+
+def check_display_name(name: str) -> None:
+    """Display names may hold anything a .vmx value can carry: every character but NUL."""
+    if not 1 <= len(name) <= MAX_DISPLAY_NAME:
+        raise LabError(f"display name must be 1 to {MAX_DISPLAY_NAME} characters: {name!r}")
+    if "\0" in name:
+        raise LabError(f"a display name cannot hold NUL: {name!r}")
+
+
+def vmx_escape(value: str) -> str:
+    """A .vmx value as VMware writes it: `|XX` for `|`, `"` and ASCII control characters (so a
+    value stays on one line between its quotes); other characters as UTF-8. The shims decode
+    it (vmflab.awk `vmx_decode`, worlds.c `vmx_decode`) when they print a name."""
+    return "".join(
+        f"|{ord(c):02X}" if c in '|"' or ord(c) < 0x20 or ord(c) == 0x7F else c for c in value
+    )
+
+
+def vmx_unescape(value: str) -> str:
+    """The inverse of ``vmx_escape`` (also of the run files' escaped names)."""
+    return re.sub(r"\|([0-9A-Fa-f]{2})", lambda m: chr(int(m[1], 16)), value)
 
 
 def check_datastore(datastore: str) -> None:
@@ -60,20 +85,30 @@ def vmware_uuid(text: str | None) -> str:
     return " ".join(pairs[:8]) + "-" + " ".join(pairs[8:])
 
 
-def vmx_text(name: str, uuid: str | None) -> str:
+def vmx_text(
+    name: str, uuid: str | None, display_name: str | None = None, annotation: str | None = None
+) -> str:
+    """``name``: the file's name; ``display_name`` (default: ``name``) may differ from it;
+    ``annotation``: free text (newlines make vim-cmd's listing continue on following lines)."""
     check_vm_name(name)
+    shown = name if display_name is None else display_name
+    check_display_name(shown)
+    if annotation is not None and "\0" in annotation:
+        raise LabError("an annotation cannot hold NUL")
     bios = vmware_uuid(uuid)
+    notes = [] if annotation is None else [f'annotation = "{vmx_escape(annotation)}"']
     return "\n".join(
         [
             '.encoding = "UTF-8"',
             'config.version = "8"',
             'virtualHW.version = "13"',
-            f'displayName = "{name}"',
+            f'displayName = "{vmx_escape(shown)}"',
             'guestOS = "otherlinux-64"',
             f'uuid.bios = "{bios}"',
             f'uuid.location = "{bios}"',
             'memSize = "32"',
             'numvcpus = "1"',
+            *notes,
             "",
         ]
     )
@@ -205,10 +240,13 @@ class HostFiles:
             return ""
 
     # ------------------------------------------------------------------- VM files
-    def vmx_path(self, name: str, datastore: str) -> str:
+    def vmx_path(self, name: str, datastore: str, directory: str | None = None) -> str:
+        """``/vmfs/volumes/<datastore>/<directory or name>/<name>.vmx``."""
         check_vm_name(name)
         check_datastore(datastore)
-        return f"{NS_VOLUMES}/{datastore}/{name}/{name}.vmx"
+        folder = name if directory is None else directory
+        check_vm_name(folder)
+        return f"{NS_VOLUMES}/{datastore}/{folder}/{name}.vmx"
 
     def outside(self, ns_path: str) -> Path:
         """The path outside the host of a path under /vmfs inside it."""
@@ -216,8 +254,8 @@ class HostFiles:
             raise LabError(f"not a path under /vmfs: {ns_path!r}")
         return self.vmfs / ns_path.removeprefix("/vmfs/")
 
-    def write_vmx(self, name: str, datastore: str, text: str) -> str:
-        ns_path = self.vmx_path(name, datastore)
+    def write_vmx(self, name: str, datastore: str, text: str, directory: str | None = None) -> str:
+        ns_path = self.vmx_path(name, datastore, directory)
         path = self.outside(ns_path)
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -254,7 +292,7 @@ class HostFiles:
         try:
             entries = []
             with contextlib.suppress(FileNotFoundError):
-                for line in registry.read_text(encoding="utf-8").splitlines():
+                for line in registry.read_text(encoding="utf-8").split("\n"):
                     vmid, _, path = line.partition("\t")
                     if vmid.isdigit() and path:
                         entries.append((int(vmid), path))

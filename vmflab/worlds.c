@@ -13,6 +13,9 @@
  * A VM is a live (not zombie) process named "vmx" whose command line is
  * "/bin/vmx ... /vmfs/...vmx". Its world ID and identity come from its run file
  * (/vmfs/.lab/run/vm.<cartel>: "world<TAB>uuid<TAB>name<TAB>cfg"), else from its .vmx.
+ * The name stays |XX-escaped as the .vmx writes it until printed: vmdumper prints it decoded,
+ * whatever it holds (the lab's hostile names); ps shows a control character as "?", as
+ * busybox ps does.
  */
 #include <ctype.h>
 #include <dirent.h>
@@ -22,6 +25,7 @@
 
 #define RUN_DIR "/vmfs/.lab/run"
 #define BIG 65536
+#define NAME 4096
 
 enum mode { MODE_PS, MODE_PSC, MODE_VMDUMPER };
 
@@ -125,16 +129,51 @@ static int is_key(const char *line, const char *key)
 	return *line == '=';
 }
 
+static int hex_digit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return -1;
+}
+
+/* The .vmx value encoding, as vmflab.awk's vmx_decode: |XX is the byte of hex XX (never NUL).
+ * ps_form: control characters shown as "?". */
+static void vmx_decode(const char *in, char *out, size_t size, int ps_form)
+{
+	size_t n = 0;
+	int hi, lo;
+	unsigned char c;
+
+	while (*in != '\0' && n + 1 < size) {
+		c = (unsigned char)*in;
+		if (c == '|' && (hi = hex_digit(in[1])) >= 0 && (lo = hex_digit(in[2])) >= 0 &&
+		    hi * 16 + lo != 0) {
+			c = (unsigned char)(hi * 16 + lo);
+			in += 3;
+		} else {
+			in++;
+		}
+		if (ps_form && (c < 32 || c == 127))
+			c = '?';
+		out[n++] = (char)c;
+	}
+	out[n] = '\0';
+}
+
 static void from_vmx(const char *cfg, char *name, char *uuid)
 {
-	char line[4096];
+	char line[4 * NAME];
 	FILE *f = fopen(cfg, "r");
 
 	if (f == NULL)
 		return;
 	while (fgets(line, sizeof line, f) != NULL) {
 		if (is_key(line, "displayName"))
-			vmx_value(line, name, 1024);
+			vmx_value(line, name, NAME);
 		else if (is_key(line, "uuid.bios"))
 			vmx_value(line, uuid, 256);
 	}
@@ -167,7 +206,7 @@ static int from_run_file(const char *pid, const char *cfg, long *world, char *na
 	if (*end != '\0')
 		return 0;
 	snprintf(uuid, 256, "%s", f[1]);
-	snprintf(name, 1024, "%s", f[2]);
+	snprintf(name, NAME, "%s", f[2]);
 	return 1;
 }
 
@@ -182,7 +221,7 @@ static void world_line(enum mode mode, long wid, const char *cid, const char *na
 
 static void report(enum mode mode, const char *pid, const struct proc *p)
 {
-	char name[1024] = "", uuid[256] = "", vcpu[1100];
+	char name[NAME] = "", uuid[256] = "", shown[NAME], vcpu[NAME + 16];
 	const char *cfg = NULL, *slash;
 	long world = atol(pid) + 1;
 
@@ -205,12 +244,14 @@ static void report(enum mode mode, const char *pid, const struct proc *p)
 		name[strlen(name) - (ends_with(name, ".vmx") ? 4 : 0)] = '\0';
 	}
 	if (mode == MODE_VMDUMPER) {
+		vmx_decode(name, shown, sizeof shown, 0);
 		printf("vmid=%ld pid=-1 cfgFile=\"%s\" uuid=\"%s\" displayName=\"%s\" "
 		       "vmxCartelID=%s\n",
-		       world, cfg, uuid, name, pid);
+		       world, cfg, uuid, shown, pid);
 		return;
 	}
-	snprintf(vcpu, sizeof vcpu, "vmx-vcpu-0:%s", name);
+	vmx_decode(name, shown, sizeof shown, 1);
+	snprintf(vcpu, sizeof vcpu, "vmx-vcpu-0:%s", shown);
 	world_line(mode, atol(pid), pid, "vmx", p->args);
 	world_line(mode, world + 1, pid, "vmx-vthread-1", p->args);
 	world_line(mode, world + 2, pid, "vmx-vthread-2", p->args);

@@ -4,6 +4,7 @@ is an ESX 3 vmware-vmx command line, the fallback/source-address config, and sta
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -52,6 +53,8 @@ def test_ps_listing_on_real_output_with_spaces_in_paths() -> None:
     [
         f"  7 {VMX} -@ pipe=/tmp/x\n",  # no .vmx: a truncated line could hide a VM
         f"  7 {VMX} /a/x.vmx\n  8 {VMX} /a/x.vmx\n",  # one .vmx running twice
+        # One path, `/vmfs/volumes/ds1/x /vmfs/...`, never read as the victim's path.
+        f"  7 {VMX} {OPTS} /vmfs/volumes/ds1/x /vmfs/volumes/ds1/victim/victim.vmx\n",
         "garbage line\n",
     ],
 )
@@ -88,7 +91,9 @@ def test_registered_and_power_on() -> None:
     text = "/vmfs/volumes/ds1/node 1/node 1.vmx\n/vmfs/volumes/ds1/node2/node2.vmx\n"
     vms = ec.parse_registered(text)
     assert [vm.name for vm in vms] == ["node 1", "node2"]
-    assert ec.power_on_command(vms[0]) == "vmware-cmd '/vmfs/volumes/ds1/node 1/node 1.vmx' start"
+    assert "VMF_VMX='/vmfs/volumes/ds1/node 1/node 1.vmx'; export VMF_VMX" in ec.power_on_command(
+        vms[0]
+    )
     with pytest.raises(ParseError):
         ec.parse_registered("VMControl error -3: Insufficient permissions\n")
     assert BACKENDS["esx-classic"] is ec.BACKEND
@@ -96,14 +101,15 @@ def test_registered_and_power_on() -> None:
 
 @pytest.fixture
 def vmx_processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """Local processes with an ESX 3 vmware-vmx argv (tail -f under another argv[0])."""
+    """Local processes with an ESX 3 vmware-vmx argv (tail -f under another argv[0]; dev/null
+    relative, as ESX 3's argv holds no " /" before the .vmx path)."""
     if shutil.which("bash") is None:
         pytest.skip("needs bash for exec -a")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for path in ("/vmfs/volumes/ds1/n 1/n 1.vmx", "/vmfs/volumes/ds1/n10/n10.vmx"):
             procs[path] = subprocess.Popen(
-                ["bash", "-c", f'exec -a {VMX} tail -f -- /dev/null "$0" 2>/dev/null', path],
+                ["bash", "-c", f'cd / && exec -a {VMX} tail -f -- dev/null "$0" 2>/dev/null', path],
                 stdout=subprocess.DEVNULL,
             )
         yield procs
@@ -230,6 +236,137 @@ def test_status_shows_the_address_in_use() -> None:
     assert "192.168.50.11:22" in render_status(status(None), 2.0)
 
 
-def test_registered_vm_power_on_quotes_the_path() -> None:
-    vm = RegisteredVM(vmid="/v/a'b/a'b.vmx", name="a'b", config_file="/v/a'b/a'b.vmx")
-    assert ec.power_on_command(vm) == "vmware-cmd '/v/a'\"'\"'b/a'\"'\"'b.vmx' start"
+# -- hostile paths, duplicates --------------------------------------------------------------
+HOSTILE = [
+    *("\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"),
+    *("\x01", "\x07", "\t", "\x1b", "\x1f", "\x7f", "\x80", "\x9f"),
+]
+HOSTILE_IDS = [f"U+{ord(c):04X}" for c in HOSTILE]
+
+
+def forged_path(sep: str) -> str:
+    """A .vmx path that ends one record and begins another naming the victim at our PID."""
+    return f"/vmfs/volumes/ds1/evil/evil.vmx{sep}vmf:vm 51 /vmfs/volumes/ds1/victim/victim.vmx"
+
+
+@pytest.mark.parametrize("char", HOSTILE, ids=HOSTILE_IDS)
+def test_proc_listing_path_with_a_control_or_separator_fails(char: str) -> None:
+    with pytest.raises(ParseError):
+        ec.parse_proc_listing(f"vmf:vm 22 /vmfs/volumes/ds1/e{char}/e{char}.vmx\nvmf:end\n")
+    text = f"vmf:vm 22 {forged_path(char)}.vmx\nvmf:end\n"
+    with pytest.raises(ParseError):
+        ec.parse_proc_listing(text)
+
+
+@pytest.mark.parametrize("char", HOSTILE, ids=HOSTILE_IDS)
+def test_ps_path_with_a_control_or_separator_fails(char: str) -> None:
+    with pytest.raises(ParseError):
+        ec.parse_ps(f"     22 {VMX} {OPTS} /vmfs/volumes/ds1/e{char}/e{char}.vmx\n")
+    forged = forged_path(char).replace("vmf:vm 51", f"     51 {VMX}")
+    with pytest.raises(ParseError):
+        ec.parse_ps(f"     22 {VMX} {OPTS} {forged}\n")
+
+
+def test_ps_question_mark_may_stand_for_another_character() -> None:
+    """procps prints `?` for a character it cannot show (controls; non-ASCII in the C
+    locale): that path may not be the process's path."""
+    with pytest.raises(ParseError, match="replaced"):
+        ec.parse_ps(f"     22 {VMX} {OPTS} /vmfs/volumes/ds1/n??ud/n??ud.vmx\n")
+
+
+@pytest.mark.parametrize("char", HOSTILE, ids=HOSTILE_IDS)
+def test_registered_path_with_a_control_or_separator_fails(char: str) -> None:
+    with pytest.raises(ParseError):
+        ec.parse_registered(f"/vmfs/volumes/ds1/a/a.vmx\n/vmfs/volumes/ds1/e{char}/e.vmx\n")
+    with pytest.raises(ParseError):
+        ec.parse_registered(forged_path(char).replace("vmf:vm 51 ", "") + "\n")
+
+
+@pytest.mark.parametrize("trailer", ["\x85", "\u2028", "\x1c", "\r"])
+def test_unicode_whitespace_at_a_line_end_is_never_stripped_away(trailer: str) -> None:
+    """str.strip() would turn `/x/victim.vmx` + U+2028 into the victim's path."""
+    with pytest.raises(ParseError):
+        ec.parse_registered(f"/vmfs/volumes/ds1/victim/victim.vmx{trailer}\n")
+    with pytest.raises(ParseError):
+        ec.parse_ps(f"     22 {VMX} {OPTS} /vmfs/volumes/ds1/victim/victim.vmx{trailer}\n")
+
+
+def test_same_base_name_in_two_directories_is_two_vms() -> None:
+    a, b = "/vmfs/volumes/ds1/a/node1.vmx", "/vmfs/volumes/ds2/b/node1.vmx"
+    for found in (
+        ec.parse_ps(f"     22 {VMX} {OPTS} {a}\n     51 {VMX} {OPTS} {b}\n"),
+        ec.parse_proc_listing(f"vmf:vm 22 {a}\nvmf:vm 51 {b}\nvmf:end\n"),
+    ):
+        assert [(vm.name, vm.config_file, vm.cartel) for vm in found] == [
+            ("node1", a, 22),
+            ("node1", b, 51),
+        ]
+    registered = ec.parse_registered(f"{a}\n{b}\n")
+    assert [(vm.name, vm.vmid) for vm in registered] == [("node1", a), ("node1", b)]
+    # The same .vmx twice is one VM listed twice: a garbled listing.
+    with pytest.raises(ParseError, match="runs twice"):
+        ec.parse_proc_listing(f"vmf:vm 22 {a}\nvmf:vm 51 {a}\nvmf:end\n")
+
+
+# -- power-on re-check, run for real with a stand-in vmware-cmd -------------------------------
+VMWARE_CMD = """#!/bin/sh
+run=$(dirname "$0")/run
+case $1 in
+-l) cat "$run/list"; exit "$(cat "$run/status")";;
+*) [ "$2" = start ] || exit 9; printf '%s\\n' "$1" >>"$run/started"; echo "start() = 1";;
+esac
+"""
+
+
+def run_power_on(
+    tmp_path: Path, vm: RegisteredVM, listing: str, status: int = 0
+) -> tuple[str, list[str]]:
+    bin_dir = tmp_path / "bin"
+    run = bin_dir / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "vmware-cmd").write_text(VMWARE_CMD)
+    (bin_dir / "vmware-cmd").chmod(0o755)
+    (run / "list").write_text(listing)
+    (run / "status").write_text(f"{status}\n")
+    (run / "started").write_text("")
+    done = subprocess.run(
+        ["/bin/sh", "-c", ec.power_on_command(vm) + "\necho after:$?"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        timeout=30,
+        check=False,
+    )
+    return done.stdout + done.stderr, (run / "started").read_text().split("\n")[:-1]
+
+
+ODD = "/vmfs/volumes/ds1/a'b $(touch x)/a'b $(touch x).vmx"
+
+
+def test_power_on_starts_a_vmx_still_registered_there(tmp_path: Path) -> None:
+    (vm,) = ec.parse_registered(f"{ODD}\n")
+    out, started = run_power_on(tmp_path, vm, f"/vmfs/volumes/ds1/n/n.vmx\n{ODD}\n")
+    assert started == [ODD], out
+    assert out.splitlines()[-2:] == ["start() = 1", "after:0"], out
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("listing", "status", "why"),
+    [
+        ("/vmfs/volumes/ds1/n/n.vmx\n", 0, "is not registered"),
+        (f"{ODD}.bak\n/x{ODD}\n", 0, "is not registered"),
+        ("", 0, "is not registered"),
+        (f"{ODD}\n", 1, "vmware-cmd -l failed"),
+    ],
+)
+def test_power_on_refuses_a_vmx_not_registered_there(
+    tmp_path: Path, listing: str, status: int, why: str
+) -> None:
+    (vm,) = ec.parse_registered(f"{ODD}\n")
+    out, started = run_power_on(tmp_path, vm, listing, status)
+    assert started == [], out
+    lines = out.splitlines()
+    assert lines[-1] == "after:1", out
+    assert lines[-2].startswith("vmf:refused ") and why in lines[-2], out
+    assert not (tmp_path / "x").exists()

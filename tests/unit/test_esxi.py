@@ -1,4 +1,5 @@
-"""ESXi parsers on the real output forms of ../shared/reference/esxi-commands.md."""
+"""ESXi parsers on the real output forms of ../shared/reference/esxi-commands.md; hostile names
+and the power-on re-check are in test_esxi_hostile.py."""
 
 from __future__ import annotations
 

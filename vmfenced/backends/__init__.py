@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmfenced.backends.text import split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
 from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
@@ -39,8 +40,11 @@ class Backend:
 
 
 def parse_kill_marker(text: str) -> KillOutcome:
-    """The guarded kill scripts end with one `vmf:<outcome>` line; anything else is an error."""
-    for line in reversed(text.splitlines()):
+    """The guarded kill scripts end with one `vmf:<outcome>` line; anything else is an error.
+
+    Lines end at "\n" only (as every host answer is read): a line holding another line or
+    record separator is one line, never a marker of its own."""
+    for line in reversed(split_lines(text)):
         if line.startswith("vmf:"):
             word = line[4:].strip()
             try:

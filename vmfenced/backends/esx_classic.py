@@ -17,6 +17,7 @@ import re
 import shlex
 
 from vmfenced.backends import Backend, Listing, parse_kill_marker, procfs
+from vmfenced.backends.text import check_name, split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
 from vmfenced.model import RegisteredVM, RunningVM
@@ -26,7 +27,7 @@ PS_LISTING = "ps -e -ww -o pid=,args="
 REGISTERED_COMMAND = "vmware-cmd -l"
 
 _VM_LINE = re.compile(r"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<vmx>/.*\.vmx)$")
-_PS_LINE = re.compile(r"^\s*(?P<pid>[1-9][0-9]*) (?P<args>.*)$")
+_PS_LINE = re.compile(r"^ *(?P<pid>[1-9][0-9]*) (?P<args>.*)$")
 
 # vmf_vmx: the last argument ending in .vmx ("\n": none); vmf_is_vmx: argv[0] is vmware-vmx.
 _AWK_LIB = (
@@ -98,11 +99,15 @@ def proc_listing() -> str:
 vmf_ls"""
 
 
-def _running(pid: int, vmx: str) -> RunningVM:
+def _running(what: str, pid: int, vmx: str) -> RunningVM:
+    """A vmware-vmx process; a path holding a control or line-separator character is a doubt."""
+    check_name(what, vmx)
     return RunningVM(name=vm_name(vmx), config_file=vmx, cartel=pid)
 
 
 def _unique(command: str, vms: list[RunningVM]) -> tuple[RunningVM, ...]:
+    """The same .vmx twice is one VM listed twice (a garbled listing): an error. Two .vmx files
+    with the same base name in different directories are two VMs with one name: both kept."""
     seen: dict[str, int] = {}
     for vm in vms:
         if vm.config_file in seen:
@@ -116,45 +121,66 @@ def _unique(command: str, vms: list[RunningVM]) -> tuple[RunningVM, ...]:
 def parse_proc_listing(text: str) -> tuple[RunningVM, ...]:
     """`vmf:vm PID PATH` lines ended by `vmf:end`; anything else is an error."""
     what = "esx-classic listing"
-    vms = [_running(int(m["pid"]), m["vmx"]) for m in procfs.marked_lines(text, what, _VM_LINE)]
+    # Checked before any splitting: a path holding \r, \x85, U+2028... is one line here and
+    # must fail the listing, whatever the line splitter of the shared helper does with it.
+    for line in split_lines(text):
+        check_name(what, line)
+    vms = [
+        _running(what, int(m["pid"]), m["vmx"]) for m in procfs.marked_lines(text, what, _VM_LINE)
+    ]
     return _unique(what, vms)
 
 
 def parse_ps(text: str) -> tuple[RunningVM, ...]:
     """`ps -e -ww -o pid=,args=`: vmware-vmx lines, the .vmx path being the last argument.
 
-    ps joins argv with spaces, so a path with spaces is read as the text after the last " /"
-    that ends in `.vmx` (options before it may hold paths too). A zombie shows as
+    ps joins argv with spaces, so a path with spaces is read as the text from the " /" that
+    starts it to the end; vmware-vmx's options hold no " /" (`-@ pipe=/tmp/...`). A line with
+    two " /" could be read as a shorter path (`/ds1/x /ds1/victim/victim.vmx` is one path):
+    it is a doubt, as is a control character anywhere in it. A zombie shows as
     `[vmware-vmx] <defunct>` and is skipped. A vmware-vmx line without a readable .vmx path is
-    an error: it could hide a running VM.
+    an error: it could hide a running VM. ps shows a character it cannot print (a control
+    character; any non-ASCII byte in the C locale) as `?`: a path holding `?` may not be the
+    path of the process, so it is an error too, never a VM under another name.
     """
     vms = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for number, line in enumerate(split_lines(text), 1):
+        if not line.strip(" \t"):
             continue
         match = _PS_LINE.match(line)
         if match is None:
             raise ParseError(PS_LISTING, f"line {number} not understood: {line[:200]!r}")
-        args = match["args"].rstrip()
+        args = match["args"].rstrip(" ")
         argv0 = args.split(" ", 1)[0]
         if argv0 != VMX_PROCESS and not argv0.endswith("/" + VMX_PROCESS):
             continue
-        at = args.rfind(" /")
+        check_name(PS_LISTING, args)
+        at = args.find(" /")
         if at < 0 or not args.endswith(".vmx"):
             raise ParseError(PS_LISTING, f"line {number}: no .vmx path in {args[:200]!r}")
-        vms.append(_running(int(match["pid"]), args[at + 1 :]))
+        if args.rfind(" /") != at:
+            raise ParseError(
+                PS_LISTING, f"line {number}: cannot tell where the .vmx path starts: {args[:200]!r}"
+            )
+        vmx = args[at + 1 :]
+        if "?" in vmx:
+            raise ParseError(
+                PS_LISTING, f"line {number}: ps replaced characters of the path: {vmx[:200]!r}"
+            )
+        vms.append(_running(PS_LISTING, int(match["pid"]), vmx))
     return _unique(PS_LISTING, vms)
 
 
 def parse_registered(text: str) -> tuple[RegisteredVM, ...]:
     """`vmware-cmd -l`: one registered .vmx path per line; the path is the power-on handle."""
     vms = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    for number, raw in enumerate(split_lines(text), 1):
+        line = raw.strip(" \t")
         if not line:
             continue
         if not line.startswith("/") or not line.endswith(".vmx"):
             raise ParseError(REGISTERED_COMMAND, f"line {number} not a .vmx path: {line[:200]!r}")
+        check_name(REGISTERED_COMMAND, line)
         vms.append(RegisteredVM(vmid=line, name=vm_name(line), config_file=line))
     return tuple(vms)
 
@@ -164,8 +190,34 @@ def kill_command(vm: RunningVM, budget: float) -> str:
     return procfs.kill_script("VMF_VMX", vm.config_file, vm.cartel, _AWK_CHECK, budget)
 
 
+# Reads `vmware-cmd -l` on stdin; exits 0 when a line is exactly ENVIRON["VMF_VMX"].
+_POWER_ON_CHECK = r"""
+{ l = $0; sub(/^[ \t]+/, "", l); sub(/[ \t]+$/, "", l); if (l "" == ENVIRON["VMF_VMX"] "") n++ }
+END { exit n ? 0 : 1 }
+"""
+
+
 def power_on_command(vm: RegisteredVM) -> str:
-    return f"vmware-cmd {shlex.quote(vm.vmid)} start"
+    """`vmware-cmd PATH start`, after checking on the host, in the same command, that
+    `vmware-cmd -l` still lists that exact .vmx path (a host name reloaded to point at another
+    machine must not start whatever that machine has there). On a mismatch one
+    `vmf:refused ...` line and a non-zero status; a function, not `exit`: the command runs in
+    the lane's long-lived shell.
+    """
+    return f"""VMF_VMX={shlex.quote(vm.vmid)}; export VMF_VMX
+vmf_on() {{
+  if ! vmf_l=$(vmware-cmd -l 2>&1); then
+    printf '%s\\n' "$vmf_l" | tail -n 3
+    printf 'vmf:refused vmware-cmd -l failed: cannot check that %s is registered here\\n' "$VMF_VMX"
+    return 1
+  fi
+  if ! printf '%s\\n' "$vmf_l" | awk {shlex.quote(_POWER_ON_CHECK)}; then
+    printf 'vmf:refused %s is not registered on this host: not powered on\\n' "$VMF_VMX"
+    return 1
+  fi
+  vmware-cmd "$VMF_VMX" start
+}}
+vmf_on"""
 
 
 BACKEND = Backend(

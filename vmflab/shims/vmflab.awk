@@ -5,10 +5,13 @@
 #   ps, psc      busybox ps / ps -c (worlds: WID CID World Name [Command])
 #   esxcli       esxcli vm process list
 #   esxcli-xml   esxcli --formatter=xml vm process list
-#   vms          cartel, world, uuid, display name, .vmx (tab-separated)
+#   vms          cartel, world, uuid, display name, .vmx (tab-separated; the name as the
+#                .vmx writes it, |XX-escaped, so it holds no tab or newline)
 # A VM is a non-zombie process named vmx whose command line is "/bin/vmx ... /vmfs/...vmx"; its
 # world ID and identity come from its run file (written before it took that command line),
-# else from its .vmx (world ID = cartel + 1).
+# else from its .vmx (world ID = cartel + 1). Display names stay |XX-escaped (as in the .vmx)
+# until printed: vmdumper, esxcli and getallvms print them decoded, whatever they hold (the
+# lab's hostile names); ps shows "?" for a control character, as busybox ps does.
 #
 # Other modes:
 #   vmxinfo      uuid and display name of the .vmx in ENVIRON["cfg"] (reads no input)
@@ -38,6 +41,32 @@ function vmx_read(path,   line, n) {
     }
     close(path)
     return n > 0
+}
+
+# The .vmx value encoding: |XX is the byte of hex XX (VMware writes |22 for a quote, |7C for
+# "|", |0A for a newline...).
+function vmx_decode(s,   out, i, h) {
+    out = ""
+    while ((i = index(s, "|")) > 0) {
+        h = toupper(substr(s, i + 1, 2))
+        if (h ~ /^[0-9A-F][0-9A-F]$/ && h != "00") {
+            out = out substr(s, 1, i - 1) sprintf("%c", hex_digit(substr(h, 1, 1)) * 16 + hex_digit(substr(h, 2, 1)))
+            s = substr(s, i + 3)
+        } else {
+            out = out substr(s, 1, i)
+            s = substr(s, i + 1)
+        }
+    }
+    return out s
+}
+
+function hex_digit(c) { return index("0123456789ABCDEF", c) - 1 }
+
+# A world name as busybox ps shows it: control characters as "?".
+function ps_name(s) {
+    s = vmx_decode(s)
+    gsub(/[\001-\037\177]/, "?", s)
+    return s
 }
 
 function basename_vmx(path,   b) {
@@ -119,7 +148,7 @@ mode == "getallvms" {
     if (guest == "otherlinux-64") guest = "otherLinux64Guest"
     else if (guest == "other") guest = "otherGuest"
     version = vmx_version == "" ? "" : "vmx-" vmx_version
-    printf "%-6s %-30s %-44s %-20s %-8s %s\n", $1, vmx_name, "[" ds "] " file, guest, version, vmx_annotation
+    printf "%-6s %-30s %-44s %-20s %-8s %s\n", $1, vmx_decode(vmx_name), "[" ds "] " file, guest, version, vmx_decode(vmx_annotation)
     next
 }
 
@@ -147,25 +176,25 @@ mode == "getallvms" {
     if (name == "" && vmx_read(cfg)) { name = vmx_name; uuid = vmx_uuid }
     if (name == "") name = basename_vmx(cfg)
     if (mode == "vmdumper") {
-        printf "vmid=%s pid=-1 cfgFile=\"%s\" uuid=\"%s\" displayName=\"%s\" vmxCartelID=%s\n", world, cfg, uuid, name, pid
+        printf "vmid=%s pid=-1 cfgFile=\"%s\" uuid=\"%s\" displayName=\"%s\" vmxCartelID=%s\n", world, cfg, uuid, vmx_decode(name), pid
     } else if (mode == "psc" || mode == "ps") {
         world_line(pid, pid, "vmx", args)
         world_line(world + 1, pid, "vmx-vthread-1", args)
         world_line(world + 2, pid, "vmx-vthread-2", args)
-        world_line(world, pid, "vmx-vcpu-0:" name, args)
+        world_line(world, pid, "vmx-vcpu-0:" ps_name(name), args)
     } else if (mode == "esxcli") {
-        print name
+        print vmx_decode(name)
         print "   World ID: " world
         print "   Process ID: 0"
         print "   VMX Cartel ID: " pid
         print "   UUID: " uuid
-        print "   Display Name: " name
+        print "   Display Name: " vmx_decode(name)
         print "   Config File: " cfg
         print ""
     } else if (mode == "esxcli-xml") {
         print "      <structure typeName=\"VirtualMachine\">"
         field("ConfigFile", "string", xml(cfg))
-        field("DisplayName", "string", xml(name))
+        field("DisplayName", "string", xml(vmx_decode(name)))
         field("ProcessID", "integer", 0)
         field("UUID", "string", xml(uuid))
         field("VMXCartelID", "integer", pid)
