@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import Ledger
+from tests.waiting import wait_until
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
 from vmflab.procs import outer_pid, stopped
@@ -28,16 +29,6 @@ def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
     return daemon.request({"op": "fence", "vm": vm, "action": action})
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20) -> float:
-    """Seconds until `condition` held; polls with a deadline (a condition, not a sleep)."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
 @contextlib.contextmanager
 def frozen(pid: int) -> Iterator[None]:
     """A process in a frozen cgroup-v1 freezer: a SIGKILL stays pending until the thaw."""
@@ -46,14 +37,14 @@ def frozen(pid: int) -> Iterator[None]:
     try:
         (group / "cgroup.procs").write_text(str(pid))
         (group / "freezer.state").write_text("FROZEN")
-        wait_for(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", 10)
+        wait_until(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", 10)
         yield
     finally:
         (group / "freezer.state").write_text("THAWED")
         with contextlib.suppress(OSError):
             for line in (group / "cgroup.procs").read_text().split():
                 (FREEZER / "cgroup.procs").write_text(line)
-        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10)
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), 10)
         group.rmdir()
 
 
@@ -64,13 +55,13 @@ def test_hung_host(lab: Lab, ledger: Ledger) -> None:
     ledger.start(esx2, "gfs-node2")
     with LabDaemon(lab, ssh=FAST_KEEPALIVE, daemon={"fence_timeout": 2}) as daemon:
         with stopped(esx2):
-            ledger.seconds = wait_for(lambda: daemon.host_state("esx2") == "down")
+            ledger.seconds = wait_until(lambda: daemon.host_state("esx2") == "down")
             ledger.target("esx2", "gfs-node2")
             reply = fence(daemon, "gfs-node2")
             assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
         # Bound: keepalive_interval x (keepalive_count_max + 1) = 1.5 s, plus scheduling slack.
         assert ledger.seconds < 1.5 * 3
-        wait_for(lambda: daemon.host_state("esx2") == "up")
+        wait_until(lambda: daemon.host_state("esx2") == "up")
         reply = fence(daemon, "gfs-node1")
         assert reply["ok"], reply
         ledger.succeeded("esx1", "gfs-node1")
@@ -88,7 +79,7 @@ def test_dead_host_during_fence(lab: Lab, ledger: Ledger) -> None:
         with frozen(outer_pid(esx2, "gfs-node2")):
             ledger.target("esx2", "gfs-node2")
             pending = pool.submit(fence, daemon, "gfs-node2")
-            wait_for(lambda: '"op": "fence"' in daemon.log())  # the kill is on its way
+            wait_until(lambda: '"op": "fence"' in daemon.log())  # the kill is on its way
             esx2.stop_sshd()
             start = time.monotonic()
             reply = pending.result(timeout=30)
@@ -149,7 +140,7 @@ def test_daemon_killed_mid_fence(lab: Lab, ledger: Ledger) -> None:
         with ThreadPoolExecutor(1) as pool, frozen(outer_pid(esx2, "gfs-node2")):
             ledger.target("esx2", "gfs-node2")
             pending = pool.submit(fence, daemon, "gfs-node2")
-            wait_for(lambda: '"op": "fence"' in daemon.log())
+            wait_until(lambda: '"op": "fence"' in daemon.log())
             daemon.kill()
             with pytest.raises((ConnectionError, ValueError, OSError)):
                 pending.result(timeout=30)  # the client saw no success
@@ -195,7 +186,7 @@ def test_host_key_changed(lab: Lab, ledger: Ledger) -> None:
     ledger.start(lab.hosts["esx1"], "gfs-node1")
     with LabDaemon(lab) as daemon:
         esx2.rekey(trust=False)
-        ledger.seconds = wait_for(
+        ledger.seconds = wait_until(
             lambda: "host key not verifiable" in (host_reason(daemon, "esx2") or "")
         )
         ledger.target("esx2", "gfs-node2")
@@ -224,7 +215,7 @@ def test_hung_inventory_does_not_delay_fences(lab: Lab, ledger: Ledger) -> None:
     with LabDaemon(lab, daemon={"inventory_interval": 1}) as daemon:
         esx1.ssh("echo 3600 > /vmfs/.lab/run/hostd-delay")
         # The next inventory round of esx1 is now stuck in vim-cmd on its inventory lane.
-        wait_for(lambda: stuck(daemon, "esx1"))
+        wait_until(lambda: stuck(daemon, "esx1"))
         hung: list[float] = []
         normal: list[float] = []
         for i in range(8):
@@ -279,14 +270,14 @@ def fails_while(
         with frozen(outer_pid(esx2, "gfs-node2")):
             ledger.target("esx2", "gfs-node2")
             pending = pool.submit(fence, daemon, "gfs-node2")
-            wait_for(lambda: '"op": "fence"' in daemon.log())
+            wait_until(lambda: '"op": "fence"' in daemon.log())
             with fault(esx2):
                 start = time.monotonic()
                 reply = pending.result(timeout=30)
                 ledger.seconds = time.monotonic() - start
                 assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-                wait_for(lambda: daemon.host_state("esx2") == "down")
-        wait_for(lambda: daemon.host_state("esx2") == "up")
+                wait_until(lambda: daemon.host_state("esx2") == "down")
+        wait_until(lambda: daemon.host_state("esx2") == "up")
         reply = fence(daemon, "gfs-node1")
         assert reply["ok"], reply
         ledger.succeeded("esx1", "gfs-node1")

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from tests.faults.conftest import Ledger
-from tests.faults.test_faults import fence, wait_for
+from tests.faults.test_faults import fence
+from tests.waiting import wait_until
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 from vmflab.procs import stopped
@@ -46,11 +47,11 @@ def test_libvirt_hung_host(kvm_lab: Lab, ledger: Ledger) -> None:
         kvm_lab, hosts=["kvm1", "kvm2"], ssh=FAST_KEEPALIVE, daemon={"fence_timeout": 2}
     ) as daemon:
         with stopped(kvm2):
-            ledger.seconds = wait_for(lambda: daemon.host_state("kvm2") == "down")
+            ledger.seconds = wait_until(lambda: daemon.host_state("kvm2") == "down")
             ledger.target("kvm2", "vm2")
             reply = fence(daemon, "vm2")
             assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-        wait_for(lambda: daemon.host_state("kvm2") == "up")
+        wait_until(lambda: daemon.host_state("kvm2") == "up")
         reply = fence(daemon, "vm1")
         assert reply["ok"], reply
         ledger.succeeded("kvm1", "vm1")

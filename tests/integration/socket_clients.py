@@ -12,12 +12,13 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import lab_unavailable
+from tests.waiting import wait_for
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
@@ -34,15 +35,6 @@ def lab_of_two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         pytest.fail(reason)
     with Lab(tmp_path_factory.mktemp("lab"), ("esx1", "esx2")) as started:
         yield started
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def gid_of(name: str) -> int:

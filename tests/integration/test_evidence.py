@@ -4,25 +4,17 @@ while the VM ran. Every check of "runs" / "dead" reads the lab host's own proces
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
+from tests.waiting import wait_until
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
 from vmflab.procs import stopped
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)  # polling a condition with a deadline, not a synchronisation sleep
 
 
 def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
@@ -75,7 +67,7 @@ def test_unreachable_host_that_held_the_vm_fails_a_kill_elsewhere(lab: Lab) -> N
         lab, ssh={"keepalive_interval": 0.5, "keepalive_count_max": 2}, daemon={"fence_timeout": 3}
     ) as daemon:
         with stopped(esx2):
-            wait_for(lambda: daemon.host_state("esx2") == "down")
+            wait_until(lambda: daemon.host_state("esx2") == "down")
             copy = esx1.start_vm("gfs-node2")
             reply = fence(daemon, "gfs-node2")
             assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply

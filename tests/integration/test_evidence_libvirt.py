@@ -5,12 +5,11 @@ judge is never reported off."""
 from __future__ import annotations
 
 import shlex
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.waiting import wait_for
 from vmflab import Lab, LibvirtHost
 from vmflab.daemon import LabDaemon
 from vmflab.libvirt import UNJUDGEABLE_KINDS, unjudgeable_argv
@@ -18,15 +17,6 @@ from vmflab.libvirt import UNJUDGEABLE_KINDS, unjudgeable_argv
 pytestmark = pytest.mark.integration
 
 ODD = "a&b'c\"d<e>f"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:

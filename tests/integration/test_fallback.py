@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import lab_unavailable
+from tests.waiting import wait_for
 from vmfenced.ctl import render_status
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
@@ -33,15 +34,6 @@ def dual_lab(tmp_path: Path) -> Iterator[Lab]:
         tmp_path / "lab", host_names=("esx1",), classic_hosts=("esx3a",), dual_homed=("esx3a",)
     ) as started:
         yield started
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def host_status(daemon: LabDaemon, name: str) -> dict[str, Any]:

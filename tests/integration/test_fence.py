@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.waiting import wait_for
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
@@ -240,17 +241,6 @@ def test_unauthorised_uid_is_refused(lab: Lab) -> None:
 
 def test_socket_file_mode(daemon: LabDaemon) -> None:
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
-
-
-def wait_for(condition: Any, timeout: float = 15) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def test_hung_host_times_out_as_a_failure(lab: Lab) -> None:

@@ -12,13 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_notify_daemon import Systemd
+from tests.waiting import wait_until
 from vmfenced.ctl import run as ctl_run
 from vmfenced.journal import FILE_NAME, read
 from vmflab import Lab
@@ -141,13 +141,6 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-
-
 def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = ctl_run(["--socket", str(daemon.socket), *argv], out, err)
@@ -216,7 +209,7 @@ def test_a_full_journal_disk_never_fails_a_fence(lab: Lab, tmp_path: Path) -> No
 
         # Room again: the periodic retry writes the backlog, in order, with no new fence.
         filler.unlink()
-        wait_for(lambda: daemon.status()["journal"]["backlog"] == 0)
+        wait_until(lambda: daemon.status()["journal"]["backlog"] == 0)
         assert daemon.status()["journal"]["state"] == "ok"
         records, skipped = read(state / FILE_NAME)
         assert [r["target"] for r in records] == ["gfs-node1", "gfs-node2", "gfs-node3"]
@@ -244,7 +237,7 @@ def test_a_full_journal_disk_does_not_stop_the_watchdog(lab: Lab, tmp_path: Path
             fill(state)
             reply = systemd.daemon.request({"op": "fence", "vm": "gfs-node1"})
             assert reply["ok"] and "journal_warning" in reply["result"], reply
-            wait_for(lambda: systemd.log_count('"degraded: watchdog ping still sent"') == 1)
+            wait_until(lambda: systemd.log_count('"degraded: watchdog ping still sent"') == 1)
             assert '"problem": "fence journal failing: No space left on device' in (
                 systemd.daemon.log_path.read_text()
             )

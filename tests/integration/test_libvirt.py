@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.waiting import wait_for
 from vmfenced.backends import libvirt as lv
 from vmfenced.backends import parse_kill_marker
 from vmfenced.model import KillOutcome, RunningVM
@@ -24,15 +23,6 @@ ALIASES = {"node1": "vm1", "node2": "vm2"}
 
 def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
     return daemon.request({"op": "fence", "vm": vm, "action": action})
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def shut_off(host: LibvirtHost, name: str) -> bool:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import io
 import socket
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.waiting import wait_for
 from vmfenced.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
@@ -38,15 +37,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def scrape(url: str) -> tuple[int, str, str]:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.status, response.headers["Content-Type"], response.read().decode()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def test_metrics_over_http(lab: Lab, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
@@ -89,15 +90,6 @@ def systemd(lab: Lab, tmp_path: Path) -> Iterator[Systemd]:
         yield started
     finally:
         started.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def test_notify_messages_through_a_daemon_life(systemd: Systemd, lab: Lab) -> None:

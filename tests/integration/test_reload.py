@@ -9,28 +9,19 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.waiting import wait_for
 from vmfenced.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
 from vmflab.host import LabHost
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling a condition with a deadline, not a synchronisation sleep
-    return False
 
 
 def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:

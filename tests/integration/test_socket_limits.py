@@ -30,8 +30,8 @@ from tests.integration.socket_clients import (
     open_socket_to_others,
     read_until_eof,
     request,
-    wait_for,
 )
+from tests.waiting import wait_for
 from vmfenced.clientlimits import MIN_CLIENTS, reserved_fds
 from vmfenced.ctl import run as ctl_run
 from vmflab import Lab
