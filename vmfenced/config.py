@@ -33,7 +33,7 @@ class DaemonConfig(_Frozen):
     # `on`, and the on half of `reboot`, answer within this (a power-on still running then goes
     # on in the background). Off (fence_timeout) plus this stays below the agent's default limit
     # (power_timeout 20 s + 5 s).
-    on_timeout: Annotated[float, Field(gt=0, le=600)] = 10
+    on_timeout: Annotated[float, Field(gt=0, le=600)] = 14
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 15
     # A socket client that sends no complete request line this long after connecting or after
     # its last reply is closed: an idle or slow client cannot hold a connection slot forever.

@@ -72,7 +72,7 @@ class Fencer:
         fence_timeout: float,
         refresh: Callable[[str], None],
         *,
-        on_timeout: float = 10.0,
+        on_timeout: float = 14.0,
     ) -> None:
         self.hosts = hosts
         self.aliases = aliases

@@ -104,7 +104,8 @@ def test_reused_pid_is_never_killed(classic_lab: Lab) -> None:
 def test_on_uses_vmware_cmd(classic_lab: Lab) -> None:
     b = classic(classic_lab, "esx3b")
     b.create_vm("node2")
-    with LabDaemon(classic_lab, aliases=ALIASES) as daemon:
+    # Three vmware-cmd calls (registrations, the re-check, start) of ~3.5 s each.
+    with LabDaemon(classic_lab, aliases=ALIASES, daemon={"on_timeout": 30}) as daemon:
         reply = fence(daemon, "gfs2", "on")
         assert reply["ok"] and reply["result"]["outcome"] == "powered_on", reply
         first = b.vm_pids()["node2"]
