@@ -8,7 +8,7 @@ migrate there too). Every reply is checked against the hosts' real process table
 the summary and writes it, with the seed and the command, to its own section of FILE (default
 docs/faults.md; `--quick` writes nothing unless `--doc` is given). Exit status 0 either way: the
 figures are the result (tests/faults/test_generator.py asserts them on a short run).
-About 10 minutes for 3,000 operations on 2 cores.
+About 15 minutes for 2,000 operations on 2 cores.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vmflab import Lab
 from vmflab.chaos import Chaos, Settings
-from vmflab.chaos_report import render, write_section
+from vmflab.chaos_report import DESCRIPTION, TITLE, render, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 ESXI_CONFIGURED = ("esx1", "esx2", "esx3")
@@ -33,7 +33,7 @@ KVM_OUTSIDE = ("kvm3",)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=int, default=20261127)
-    parser.add_argument("--ops", type=int, default=3000)
+    parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="40 operations, ESXi hosts only")
     parser.add_argument("--no-libvirt", action="store_true", help="ESXi hosts only")
     parser.add_argument("--max-seconds", type=float, default=3600.0)
@@ -58,7 +58,7 @@ def main() -> int:
     text = render(tally, seed=args.seed, seconds=chaos.seconds, hosts=hosts, command=command)
     print(text)
     if doc is not None:
-        write_section(doc, "## Fault generator: a seeded random schedule\n\n" + text)
+        write_section(doc, f"{TITLE}\n\n{DESCRIPTION}\n{text}")
     return 0
 
 

@@ -206,7 +206,8 @@ class World:
     def heal(self, *, everything: bool = False) -> None:
         """Ends the faults whose time is up (all of them with ``everything``)."""
         now = time.monotonic()
-        for host, fault in sorted(self.faults.items()):
+        for host in sorted(self.faults):
+            fault = self.faults[host]
             if everything or fault.until <= now:
                 del self.faults[host]
                 fault.stack.close()

@@ -15,6 +15,39 @@ BEGIN = "<!-- fault generator: begin (written by bench/faults.py) -->"
 END = "<!-- fault generator: end -->"
 
 
+TITLE = "## Fault generator: a seeded random schedule, checked against the hosts"
+DESCRIPTION = """\
+`vmflab.chaos` draws a schedule from `random.Random(seed)` and runs it against a real daemon on
+the real-sshd lab, some hosts in the daemon's config and one of each kind outside it: VMs
+started (also outside the config), killed out of band (SIGKILL), migrated (start on the target
+then kill on the source, or the reverse: brief twins either way; to a configured host or one
+outside the config; the source unregistered or not), twins on two hosts, two VMs of one display
+name on one host, a dead VM's PID or cartel ID reused by another VM or by an unrelated process,
+hostile names (quotes, `& ' " < >`, each of `\\r \\v \\f \\x1c-\\x1e \\x85 U+2028 U+2029`
+followed by text shaped like a record of the listing the daemon parses, naming a real VM and its
+process), frozen hosts (every process SIGSTOPped for 0.3-2.5 s), sshd killed and restarted
+0.3-2 s later, and `fence off` and `vm_status` requests, alone or concurrent (one VM or many,
+sometimes while a lab operation runs).
+
+The oracle (`vmflab.oracle`) reads the truth from the kernel's process table of each host's PID
+namespace, from outside the host (no ssh, no shim, no parser shared with the daemon; it answers
+while a host is frozen). A process is its outer PID and start time, so a reused PID is never
+taken for the process the schedule started. Rules, checked right after each reply:
+- `fence off` answered `killed` or `already_off`: no process of that VM name whose start had
+  returned before the request was sent still runs on any lab host, in the config or not; else a
+  **false success**;
+- `vm_status` answered `off`: same check; else a **false OFF**;
+- a process that died although the schedule did not kill it and no fence of its name was in
+  flight while it lived: a **collateral kill** (a process that took a reused PID carries a name
+  no fence uses).
+
+Failures (`fence_failed`, `unknown_vm`, `bad_request` for a name the protocol refuses) are
+allowed: doubt fails. Operations the lab cannot do yet (names it refuses, no candidate at that
+moment) are counted as skipped. The seed fixes the schedule, not how the threads of a concurrent
+burst interleave. A false answer may be counted under several situations.
+"""
+
+
 def _table(title: str, counts: Counter[str]) -> list[str]:
     lines = [f"| {title} | count |", "| --- | ---: |"]
     lines += [f"| {_cell(key)} | {n} |" for key, n in sorted(counts.items())]

@@ -25,7 +25,9 @@ MAX_SECONDS = 90.0  # bounded in time as well as in count, whatever the machine'
 
 def verdict(tally: Tally, chaos: Chaos, scenario: str, command: str) -> None:
     """The run's summary in the scenario table and in the test's output; 0 of each, or fail."""
-    summary = render(tally, seed=SEED, seconds=chaos.seconds, hosts=scenario, command=command)
+    outside = sorted(set(chaos.world.hosts) - set(chaos.configured))
+    hosts = f"{', '.join(chaos.configured)} in the daemon's config; {', '.join(outside)} outside"
+    summary = render(tally, seed=SEED, seconds=chaos.seconds, hosts=hosts, command=command)
     print(summary)
     report_row(
         scenario=scenario,
