@@ -33,7 +33,7 @@ from vmflab.vmfs import check_vm_name
 
 FAST_KEEPALIVE = {"keepalive_interval": 0.5, "keepalive_count_max": 2}
 BASE_NAMES = {"esxi": [f"e{i}" for i in range(1, 9)], "libvirt": [f"k{i}" for i in range(1, 5)]}
-CAPS = {"esxi": 30, "libvirt": 6}  # live VMs at once: qemu VMs cost 35 MiB each
+CAPS = {"esxi": 30, "libvirt": 10}  # live VMs at once: qemu VMs cost 35 MiB each
 LAB_ERROR_LINES = 10
 WEIGHTS = {
     "start": 16,
@@ -144,10 +144,10 @@ class Chaos:
             print(f"vmflab.chaos: end of a fault: {exc}"[:400], file=sys.stderr)
 
     def _thin(self) -> bool:
-        """Fewer than two live VMs per host of some kind."""
+        """Fewer live VMs of some kind than two per host (or half its cap)."""
         hosts = self.world.hosts.values()
         return any(
-            len(self.live(kind)) < 2 * sum(1 for h in hosts if h.kind == kind)
+            len(self.live(kind)) < min(2 * sum(1 for h in hosts if h.kind == kind), CAPS[kind] // 2)
             for kind in self.world.kinds()
         )
 
