@@ -312,12 +312,14 @@ class Chaos:
         refused = refused_characters(kind, hostile.name)
         if refused:
             self.ghosts.append(hostile.name)
-            raise Skip(f"the {kind} lab refuses {refused}")
+            for char in refused:
+                self.tally.hostile[f"refused by the {kind} lab: {char}"] += 1
+            raise Skip(f"the {kind} lab refuses some of its characters")
         self._start(self.host_for(kind, outside=0.1, avoid=set()), hostile.name)
         self.pool[kind].append(hostile.name)
         target = self.rng.choice([hostile.name, victim.vm])
         self.ask(self.rng.choice(["fence", "vm_status"]), target)
-        self.tally.hostile[f"{kind}: {hostile.klass}"] += 1
+        self.tally.hostile[f"started on {kind}: {hostile.klass}"] += 1
         return f"hostile name ({kind})"
 
     def _fault_host(self) -> str:
@@ -337,8 +339,8 @@ class Chaos:
         return "kill sshd, restart it later"
 
 
-def refused_characters(kind: str, name: str) -> str:
-    """The characters of ``name`` the lab refuses in a VM name of ``kind`` ("" if none)."""
+def refused_characters(kind: str, name: str) -> list[str]:
+    """The characters of ``name`` the lab refuses in a VM name of ``kind``, escaped."""
     check = check_vm_name if kind == "esxi" else check_domain_name
     bad = []
     for char in sorted(set(name)):
@@ -346,4 +348,4 @@ def refused_characters(kind: str, name: str) -> str:
             check(f"a{char}a")
         except LabError:
             bad.append(char.encode("unicode_escape").decode())
-    return " ".join(bad)
+    return bad

@@ -19,13 +19,14 @@ import time
 import uuid as uuid_module
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vmflab.control import LabError
 from vmflab.host import LabHost
 from vmflab.lab import Lab
 from vmflab.libvirt import LibvirtHost
-from vmflab.oracle import Instance, Oracle, proc_stat
+from vmflab.oracle import Instance, Oracle, inner_pid, proc_stat
 from vmflab.procs import stopped
 
 DATASTORES = ("ds1", "ds2")
@@ -95,7 +96,10 @@ class World:
             if (host, vm) not in self._defined:
                 lab_host.define_vm(vm, uuid=self._uuid(vm))
                 self._defined.add((host, vm))
-            started = lab_host.start_vm(vm)
+            # Started by UUID and found by it: libvirt names some files of a hostile name
+            # otherwise than the name, so LibvirtHost.start_vm cannot read its pid file.
+            lab_host.virsh("start", "--domain", self._uuid(vm))
+            started = qemu_pid(lab_host, self._uuid(vm))
         else:
             taken = {self._slots.get(i.outer) for i in self.running_on(host, vm)}
             free = [ds for ds in DATASTORES if ds not in taken]
@@ -211,3 +215,15 @@ class World:
             if everything or fault.until <= now:
                 del self.faults[host]
                 fault.stack.close()
+
+
+def qemu_pid(host: LibvirtHost, uuid: str) -> int:
+    """The PID (inside ``host``) of the qemu whose command line carries ``-uuid UUID``."""
+    needle = b"\0-uuid\0" + uuid.encode() + b"\0"
+    for outer in host.namespace_pids():
+        with contextlib.suppress(OSError):
+            if needle in Path(f"/proc/{outer}/cmdline").read_bytes():
+                pid = inner_pid(outer)
+                if pid is not None:
+                    return pid
+    raise LabError(f"no qemu runs domain {uuid}", host=host.name)

@@ -82,7 +82,8 @@ def render(tally: Tally, *, seed: int, seconds: float, hosts: str, command: str)
         *_table("failure: reason class (doubt fails: allowed)", tally.failures),
     ]
     if tally.hostile:
-        lines += _table("hostile names started: separator + record shape", tally.hostile)
+        title = "hostile names: started (separator + record shape), or refused (character)"
+        lines += _table(title, tally.hostile)
     if tally.skipped:
         lines += _table("skipped: why", tally.skipped)
     if tally.examples:
