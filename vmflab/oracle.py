@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from vmflab.control import LabError
 
 MAX_EXAMPLES = 12
+EXAMPLES_PER_CLASS = 2
 
 
 class Host(Protocol):
@@ -208,13 +209,15 @@ class Oracle:
             self.tally.false_off += 1
         result = reply.get("result") or {}
         killed_on = result.get("host")
-        for where in sorted({self._situation(i, killed_on) for i in running}):
-            self.tally.findings[f"{label}: {where}"] += 1
+        situations = sorted({f"{label}: {self._situation(i, killed_on)}" for i in running})
         said = f"{outcome} (host {killed_on}, cartel {result.get('cartel')})"
-        self._example(
-            f"{label.upper()}: {window.op} {window.vm!r} answered {said} while it runs on "
-            + ", ".join(self._where(i) for i in running)
-        )
+        # The first few of each situation: one class found often must not hide the others.
+        if min(self.tally.findings[key] for key in situations) < EXAMPLES_PER_CLASS:
+            self._example(
+                f"{label.upper()}: {window.op} {window.vm!r} answered {said} while it runs on "
+                + ", ".join(self._where(i) for i in running)
+            )
+        self.tally.findings.update(situations)
 
     def _situation(self, instance: Instance, killed_on: object) -> str:
         if instance.host not in self.configured:
