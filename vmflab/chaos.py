@@ -309,7 +309,9 @@ class Chaos:
         victim = self.choose(self.live(kind), f"no {kind} VM to name")
         self.serial += 1
         hostile = hostile_name(self.rng, kind, self.serial, victim.vm, victim.pid)
-        refused = refused_characters(kind, hostile.name)
+        esxi_display_names = kind == "esxi" and self.world.display_names
+        # With display names apart from file names, the lab itself says which it refuses.
+        refused = [] if esxi_display_names else refused_characters(kind, hostile.name)
         if refused:
             self.ghosts.append(hostile.name)
             for char in refused:

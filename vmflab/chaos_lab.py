@@ -60,6 +60,7 @@ class World:
         self._paths: dict[tuple[str, str, str], str] = {}  # (host, vm, datastore) -> .vmx
         self._defined: set[tuple[str, str]] = set()  # libvirt (host, vm)
         self._uuids: dict[str, str] = {}
+        self._files: dict[str, str] = {}  # display name -> .vmx name (with display names)
         self._slots: dict[int, str] = {}  # outer PID of an ESXi instance -> its datastore
         # Once the ESXi lab takes a display name apart from the .vmx name, duplicates on one
         # host use it; until then, a second datastore holds the second .vmx of the same name.
@@ -123,9 +124,11 @@ class World:
         if key not in self._paths:
             kwargs: dict[str, Any] = {"datastore": datastore, "uuid": self._uuid(vm)}
             create: Callable[..., str] = host.create_vm
-            if self.display_names and datastore != DATASTORES[0]:
-                # A second VM of the same display name, in a directory of its own name.
-                self._paths[key] = create(f"{vm}-2", display_name=vm, **kwargs)
+            if self.display_names:
+                # The display name apart from a plain file name, as ESXi escapes odd names in
+                # paths: any name, and one name in both datastores of one host.
+                files = self._files.setdefault(vm, f"vm-{len(self._files) + 1}")
+                self._paths[key] = create(files, display_name=vm, **kwargs)
             else:
                 self._paths[key] = create(vm, **kwargs)
         return self._paths[key]
