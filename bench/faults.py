@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -55,11 +56,29 @@ def main() -> int:
         tally = chaos.run()
     command = shlex.join(["python3", "bench/faults.py", *sys.argv[1:]])
     hosts = f"{', '.join(configured)} in the daemon's config; {', '.join(outside)} outside it"
-    text = render(tally, seed=args.seed, seconds=chaos.seconds, hosts=hosts, command=command)
+    text = render(
+        tally,
+        seed=args.seed,
+        seconds=chaos.seconds,
+        hosts=hosts,
+        command=command,
+        revision=revision(),
+    )
     print(text)
     if doc is not None:
         write_section(doc, f"{TITLE}\n\n{DESCRIPTION}\n{text}")
     return 0
+
+
+def revision() -> str:
+    """The commit the daemon ran from (the figures change with it), "" outside a git tree."""
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 if __name__ == "__main__":
