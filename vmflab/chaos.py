@@ -70,7 +70,7 @@ class Chaos:
         self.configured = configured
         self.settings = settings
         self.rng = Random(settings.seed)
-        self.oracle = Oracle(set(configured))
+        self.oracle = Oracle(set(configured), registered=self._registered)
         self.world = World(lab, self.oracle, set(configured))
         self.pool = {kind: list(BASE_NAMES[kind]) for kind in self.world.kinds()}
         self.ghosts = ["never-started"]  # names nothing runs: hostile ones the lab refused, too
@@ -94,6 +94,9 @@ class Chaos:
             "concurrent requests, one VM": self.op_burst_one,
             "concurrent requests, many VMs": self.op_burst_many,
         }
+
+    def _registered(self, vm: str) -> bool:
+        return self.world.registered(vm)
 
     @property
     def tally(self) -> Tally:

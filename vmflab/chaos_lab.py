@@ -80,6 +80,13 @@ class World:
             and (configured is None or (n in self.configured) == configured)
         )
 
+    def registered(self, vm: str) -> bool:
+        """Whether a host in the daemon's config has ``vm`` registered (.vmx or domain)."""
+        # Called from the threads of a burst while the main thread changes them: copies
+        # (taken in C, whole under the GIL) are iterated, never the live containers.
+        esxi = any(h in self.configured and v == vm for h, v, _ in tuple(self._paths))
+        return esxi or any(h in self.configured and v == vm for h, v in tuple(self._defined))
+
     def kind_of(self, host: str) -> str:
         return self.hosts[host].kind
 

@@ -24,6 +24,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,8 +120,13 @@ def find_outer(host: Host, pid: int) -> int:
 class Oracle:
     """Thread-safe: requests are checked in the threads that sent them."""
 
-    def __init__(self, configured: set[str]) -> None:
+    def __init__(
+        self, configured: set[str], registered: Callable[[str], bool] | None = None
+    ) -> None:
+        """``registered(vm)``: whether a configured host has ``vm`` registered, to tell apart
+        the false answers about a VM running outside the config (see ``_situation``)."""
         self.configured = configured
+        self.registered = registered
         self.tally = Tally()
         self._instances: list[Instance] = []
         self._windows: list[Window] = []
@@ -221,7 +227,13 @@ class Oracle:
 
     def _situation(self, instance: Instance, killed_on: object) -> str:
         if instance.host not in self.configured:
-            return "VM runs on a host outside the config"
+            # Still registered on a configured host, the VM looks there exactly like one that
+            # crashed: only a daemon that remembers it running could doubt.
+            if self.registered is None:
+                return "VM runs on a host outside the config"
+            if self.registered(instance.vm):
+                return "VM runs outside the config, still registered on a configured host"
+            return "VM runs outside the config, registered on no configured host"
         if instance.host == killed_on:
             return "another VM of that name on the host where it killed one"
         twins = [
