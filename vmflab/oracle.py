@@ -287,6 +287,8 @@ def reason_class(message: str) -> str:
     """A short class of a failure message, for the summary (the daemon's wording may change)."""
     text = message.lower()
     for needle, label in (
+        ("not understood", "listing not readable"),
+        ("unreadable", "listing not readable"),
         ("ambiguous", "ambiguous (several hosts)"),
         ("several", "ambiguous (several)"),
         ("unreachable", "host unreachable"),
@@ -294,8 +296,6 @@ def reason_class(message: str) -> str:
         ("no answer", "no answer in time"),
         ("still running", "still running after kill -9"),
         ("kept moving", "kept moving"),
-        ("not understood", "listing not readable"),
-        ("unreadable", "listing not readable"),
         ("control", "name refused"),
         ("string should match", "name refused"),
         ("no host runs", "unknown"),

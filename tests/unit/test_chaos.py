@@ -112,12 +112,14 @@ def test_failures_are_classed() -> None:
         "no reply (connection)": 1,
     }
     assert reason_class("cannot confirm it is off: unreachable esx2") == "host unreachable"
+    unreadable = "unreachable kvm1 (cannot list running VMs: line 2 not understood: 'k1')"
+    assert reason_class(unreadable) == "listing not readable"
 
 
 def test_hostile_names_cover_every_separator() -> None:
     rng = random.Random(7)
     names = [hostile_name(rng, kind, i, "e1", 4242) for i in range(400) for kind in LIMITS]
-    assert {n.separator for n in names} == set(SEPARATORS)
+    assert {n.separator for n in names} == {*SEPARATORS, " "}
     assert all(n.name.startswith("h") and n.separator in n.name for n in names[:50])
     assert len({n.name for n in names}) == len(names)
     assert all(len(n.name) <= LIMITS["libvirt"] for n in names)
