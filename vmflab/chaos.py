@@ -320,11 +320,18 @@ class Chaos:
             for char in refused:
                 self.tally.hostile[f"refused by the {kind} lab: {char}"] += 1
             raise Skip(f"the {kind} lab refuses some of its characters")
-        self._start(self.host_for(kind, outside=0.1, avoid=set()), hostile.name)
+        host = self.host_for(kind, outside=0.1, avoid=set())
+        instance = self._start(host, hostile.name)
         self.pool[kind].append(hostile.name)
-        target = self.rng.choice([hostile.name, victim.vm])
-        self.ask(self.rng.choice(["fence", "vm_status"]), target)
         self.tally.hostile[f"started on {kind}: {hostile.klass}"] += 1
+        for _ in range(2):
+            target = self.rng.choice([hostile.name, hostile.name, victim.vm])
+            self.ask(self.rng.choice(["fence", "vm_status"]), target)
+        if self.rng.random() < 0.5:
+            # Gone again, config and all: a name the daemon cannot read fails the listings of
+            # its host while it is there, which would hide every other class on that host.
+            self.world.kill(instance)
+            self.world.unregister(host, hostile.name)
         return f"hostile name ({kind})"
 
     def _fault_host(self) -> str:
