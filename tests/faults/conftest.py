@@ -15,8 +15,9 @@ from typing import Any, Protocol
 import pytest
 
 from tests.integration.conftest import kvm_lab, lab, lab_unavailable
+from vmflab.chaos_report import kept_section
 
-__all__ = ["Ledger", "kvm_lab", "lab", "lab_unavailable", "ledger"]
+__all__ = ["Ledger", "kvm_lab", "lab", "lab_unavailable", "ledger", "report_row"]
 
 
 class LabHost(Protocol):
@@ -106,6 +107,11 @@ class Ledger:
         return false_successes, collateral
 
 
+def report_row(**row: Any) -> None:
+    """A row of the scenario table from a test that keeps no Ledger (the fault generator)."""
+    _ROWS.append(row)
+
+
 @pytest.fixture
 def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
     doc = (request.function.__doc__ or request.node.name).strip().splitlines()
@@ -145,4 +151,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         *HOSTILE.splitlines(),
         "",
     ]
-    Path(target).write_text("\n".join(lines))
+    # The fault generator's long run (bench/faults.py) keeps its own section of the file.
+    kept = kept_section(Path(target))
+    Path(target).write_text("\n".join(lines) + ("\n" + kept if kept else ""))

@@ -79,3 +79,10 @@ def test_scale_bench_quick() -> None:
     assert "| 10 fences at once on 10 hosts: wall" in out, out
     assert "fences at once on one host" in out, out
     assert "daemon settings used: inventory_interval=" in out, out
+
+
+def test_faults_bench_quick() -> None:
+    """The generator's long run still runs; its verdict is asserted in tests/faults."""
+    out = quick("faults.py")
+    assert "| false successes (`fence off` ok while the VM runs) | " in out, out
+    assert "| collateral kills | " in out, out
