@@ -52,6 +52,13 @@ counts must be 0.
 """
 
 
+# Answers that follow the evidence rules while a VM runs on a host outside the config.
+BEYOND_TITLE = (
+    "not counted: the rules' answer while the VM runs outside the config (docs/safety.md, "
+    "Known limits)"
+)
+
+
 def _table(title: str, counts: Counter[str]) -> list[str]:
     lines = [f"| {title} | count |", "| --- | ---: |"]
     lines += [f"| {_cell(key)} | {n} |" for key, n in sorted(counts.items())]
@@ -85,6 +92,7 @@ def render(
         "",
         *verdict,
         *(_table("false answers: situation", tally.findings) if tally.findings else []),
+        *(_table(BEYOND_TITLE, tally.beyond) if tally.beyond else []),
         *_table("operation", tally.ops),
         *_table("request: answer", tally.replies),
         *_table("failure: reason class (doubt fails: allowed)", tally.failures),

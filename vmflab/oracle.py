@@ -79,6 +79,9 @@ class Tally:
     failures: Counter[str] = field(default_factory=Counter)
     hostile: Counter[str] = field(default_factory=Counter)  # names started, by class
     findings: Counter[str] = field(default_factory=Counter)  # false answers, by situation
+    # Answers the evidence rules allow while a VM runs on a host outside the config: counted
+    # apart, never as false answers (docs/safety.md, "Known limits").
+    beyond: Counter[str] = field(default_factory=Counter)
     false_successes: int = 0
     false_off: int = 0
     collateral: int = 0
@@ -183,8 +186,9 @@ class Oracle:
                     for i in self._instances
                     if i.is_vm and i.vm == window.vm and i.started <= window.sent and self._alive(i)
                 ]
-                if running:
-                    self._finding(window, outcome, reply or {}, running)
+                counted = [i for i in running if not self._beyond(i, outcome)]
+                if counted:
+                    self._finding(window, outcome, reply or {}, counted)
             self._sweep()
 
     def sweep(self) -> None:
@@ -224,6 +228,22 @@ class Oracle:
                 + ", ".join(self._where(i) for i in running)
             )
         self.tally.findings.update(situations)
+
+    def _beyond(self, instance: Instance, outcome: str) -> bool:
+        """An instance on a host outside the config that the rules cannot be asked to see:
+        beside a killed instance (no configured host can show a twin elsewhere), or while a
+        configured host registers the VM (the rules' positive evidence that it is off).
+        Counted in `tally.beyond`, by situation."""
+        if instance.host in self.configured:
+            return False
+        if outcome == "killed":
+            why = "killed on a configured host while a twin runs outside the config"
+        elif self.registered is not None and self.registered(instance.vm):
+            why = f"{outcome} while it runs outside the config, registered on a configured host"
+        else:
+            return False
+        self.tally.beyond[why] += 1
+        return True
 
     def _situation(self, instance: Instance, killed_on: object) -> str:
         if instance.host not in self.configured:

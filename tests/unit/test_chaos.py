@@ -68,6 +68,25 @@ def test_success_while_the_vm_runs_is_false(host: Local) -> None:
     assert oracle.tally.findings["false success: VM runs on a configured host"] == 1
 
 
+def test_a_vm_outside_the_config_counts_unless_the_rules_evidence_covers_it(
+    host: Local,
+) -> None:
+    """Outside the config: a twin beside a kill, or a VM a configured host registers, is what
+    the rules answer (kept apart); a VM registered nowhere configured answered OFF is false."""
+    registered = {"vm1"}
+    oracle = Oracle({"esx1"}, registered=lambda vm: vm in registered)
+    for name in ("vm1", "vm2"):
+        oracle.started(host, name, host.spawn(), time.monotonic())
+    oracle.replied(oracle.sent("fence", "vm1"), ok("killed"))
+    oracle.replied(oracle.sent("vm_status", "vm1"), ok("off"))
+    oracle.replied(oracle.sent("fence", "vm2"), ok("already_off"))
+    assert (oracle.tally.false_successes, oracle.tally.false_off) == (1, 0)
+    assert sum(oracle.tally.beyond.values()) == 2
+    assert oracle.tally.findings == {
+        "false success: VM runs outside the config, registered on no configured host": 1
+    }
+
+
 def test_a_vm_started_after_the_request_does_not_count(host: Local) -> None:
     oracle = Oracle(set())
     window = oracle.sent("fence", "vm1")
