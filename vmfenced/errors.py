@@ -36,6 +36,12 @@ class LinkDown(LinkError):
     """The lane is not connected: nothing was sent."""
 
 
+class ListingDoubt(LinkError):
+    """The host answered, but no listing of its running VMs could be read whole (a name no
+    line can carry, a process that cannot be judged). Unlike a host that went silent, a host
+    in doubt runs on: what it ran at its last readable listing says nothing of now."""
+
+
 class CommandTimeout(LinkError):
     """The command was sent but its end marker did not come back in time.
 

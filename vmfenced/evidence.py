@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Generic, TypeVar
 
-from vmfenced.errors import LinkError
+from vmfenced.errors import LinkError, ListingDoubt
 from vmfenced.host import Host
 from vmfenced.model import RegisteredVM, RunningVM, VMMap
 from vmfenced.verdict import HostView
@@ -72,9 +72,13 @@ class Evidence:
     def views(self, vm: str) -> dict[str, HostView]:
         """One view per configured host, holding the map's belief (its latest listing)."""
         views = {}
-        for name in self._hosts:
+        for name, host in self._hosts.items():
             inv = self._map.hosts.get(name)
             latest = None if inv is None else tuple(v for v in inv.running if v.name == vm)
+            if host.listing_problem is not None:
+                # Its latest listing attempt could not be read: what it ran before that is no
+                # belief to kill on (it runs on meanwhile).
+                latest = None
             views[name] = HostView(name, latest=latest)
         return views
 
@@ -117,8 +121,16 @@ class Evidence:
     ) -> None:
         """Fill `views[name].fresh` (or `.problem`) for each of `names`, all hosts at once."""
         answers = await _ask(names, lambda n: self._listing(n).get(since[n]), self._hosts)
+        doubts = tuple(n for n, a in answers.items() if isinstance(a, ListingDoubt))
+        if doubts:
+            # Once more, from now: a process caught exiting is a doubt only for a moment.
+            now = time.monotonic()
+            answers.update(await _ask(doubts, lambda n: self._listing(n).get(now), self._hosts))
         for name, answer in answers.items():
-            if isinstance(answer, str):
+            if isinstance(answer, LinkError):
+                doubt = isinstance(answer, ListingDoubt)
+                views[name] = replace(views[name], fresh=None, problem=answer.reason, doubt=doubt)
+            elif isinstance(answer, str):
                 views[name] = replace(views[name], fresh=None, problem=answer)
             else:
                 mine = tuple(v for v in answer if v.name == vm)
@@ -130,7 +142,9 @@ class Evidence:
         """Fill `views[name].registered` (or `.reg_problem`) for each of `names`."""
         answers = await _ask(names, lambda n: self._registration(n).get(since), self._hosts)
         for name, answer in answers.items():
-            if isinstance(answer, str):
+            if isinstance(answer, LinkError):
+                views[name] = replace(views[name], registered=None, reg_problem=answer.reason)
+            elif isinstance(answer, str):
                 views[name] = replace(views[name], registered=None, reg_problem=answer)
             else:
                 mine = tuple(r for r in answer if r.name == vm)
@@ -139,14 +153,16 @@ class Evidence:
 
 async def _ask(
     names: tuple[str, ...], query: Callable[[str], Awaitable[T]], hosts: dict[str, Host]
-) -> dict[str, T | str]:
-    """Every host's answer at once: the value, or why there is none (a LinkError's reason)."""
+) -> dict[str, T | str | LinkError]:
+    """Every host's answer at once: the value, a LinkError, or why there is none."""
     asked = [n for n in names if n in hosts]
     answers = await asyncio.gather(*(query(n) for n in asked), return_exceptions=True)
-    out: dict[str, T | str] = {n: "no longer configured" for n in names if n not in hosts}
+    out: dict[str, T | str | LinkError] = {
+        n: "no longer configured" for n in names if n not in hosts
+    }
     for name, answer in zip(asked, answers, strict=True):
         if isinstance(answer, LinkError):
-            out[name] = answer.reason
+            out[name] = answer
         elif isinstance(answer, BaseException):
             raise answer
         else:

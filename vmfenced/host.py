@@ -12,7 +12,7 @@ import structlog
 
 from vmfenced.backends import Backend
 from vmfenced.config import HostConfig, SSHConfig
-from vmfenced.errors import LinkError, ParseError
+from vmfenced.errors import LinkError, ListingDoubt, ParseError
 from vmfenced.link import KnownHosts, Lane
 from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM
 
@@ -102,7 +102,7 @@ class Host:
         self._log.warning("no listing worked", failures=failures)
         reason = "cannot list running VMs: " + "; ".join(failures)
         self.listing_problem = reason
-        raise LinkError(self.name, lane.name, reason)
+        raise ListingDoubt(self.name, lane.name, reason)
 
     async def list_registered(
         self, timeout: float, *, urgent: bool = False

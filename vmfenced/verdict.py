@@ -7,9 +7,9 @@ docs/safety.md's table, in code:
 
 - `off` is **killed** when the guarded kill of the VM's only running instance is confirmed on
   its host, a listing of that host taken after the kill shows no instance of the VM, every other
-  configured host answered a fresh complete listing without it, and any host that did not answer
-  (unreachable, or answered something that cannot be read) has a latest complete listing that
-  did not show the VM running.
+  configured host answered a fresh complete listing without it, and any host that is silent
+  (unreachable) has a latest complete listing that did not show the VM running. A host that
+  answers something that cannot be read is no such host: it runs on, so it fails the fence.
 - `off` is **already off** when every configured host answered a fresh complete listing, none
   runs the VM, and a configured host that answered registers it (positive evidence it exists and
   is off). Registered nowhere: it may run on a host missing from the config, so it fails.
@@ -37,6 +37,7 @@ class HostView:
     `fresh`: the VM's instances in a complete process listing taken for this request (empty: the
     host answered and runs none); None while the host has not answered one. `problem` says why it
     did not (unreachable, or an answer that cannot be read); None: not asked yet.
+    `doubt`: the problem is an answer that cannot be read, not silence.
     `latest`: the VM's instances in the host's latest complete listing before that (the map's
     belief, of any age); None when the host has never answered a complete listing.
     `registered`: the VM's registrations in a registration listing taken for this request; None
@@ -46,6 +47,9 @@ class HostView:
     host: str
     fresh: tuple[RunningVM, ...] | None = None
     problem: str | None = None
+    # The host answered, but its listing cannot be read: unlike a silent host it runs on, so
+    # its latest listing says nothing of now.
+    doubt: bool = False
     latest: tuple[RunningVM, ...] | None = None
     registered: tuple[RegisteredVM, ...] | None = None
     reg_problem: str | None = None
@@ -131,6 +135,13 @@ def _unanswered_risk(views: Sequence[HostView], vm: str) -> Decision | None:
         if view.fresh is not None:
             continue
         why = view.problem or "no answer"
+        if view.doubt:
+            return _fail(
+                f"cannot rule out an instance on {view.host}: it answers, but its listing "
+                f"cannot be read ({why}); fix what the listing names (vmfencectl status shows "
+                f"it), or {_ADVICE}",
+                view.host,
+            )
         if view.latest is None:
             return _fail(
                 f"cannot rule out an instance on {view.host}: {why}, and it has not answered "

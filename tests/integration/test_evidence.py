@@ -121,3 +121,20 @@ def test_reboot_answers_off_only_when_power_on_outlives_its_budget(lab: Lab) -> 
         # The power-on finished first; this off found it running and killed it.
         assert later["ok"] and later["result"]["outcome"] == "killed", later
         assert "gfs-node1" not in esx1.vm_pids()
+
+
+def test_a_host_whose_listing_cannot_be_read_fails_fences_elsewhere(lab: Lab) -> None:
+    """esx2 runs a VM whose display name no line can carry, and now a twin of gfs-node1 the
+    daemon never saw: the old listing of esx2 says nothing of now (the generator found it)."""
+    esx1, esx2 = lab.hosts["esx1"], lab.hosts["esx2"]
+    esx1.start_vm("gfs-node1")
+    with LabDaemon(lab) as daemon:
+        esx2.start_vm(esx2.create_vm("tenant", display_name="tenant\u2028x"))
+        twin = esx2.start_vm("gfs-node1")
+        reply = fence(daemon, "gfs-node1")
+        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+        assert "esx2" in reply["error"]["message"]
+        assert "cannot be read" in reply["error"]["message"]
+        assert esx2.pid_alive(twin)
+        hosts = {h["name"]: h for h in daemon.status()["hosts"]}
+        assert "U+2028" in (hosts["esx2"]["listing_problem"] or "")

@@ -1,12 +1,12 @@
 """The verdict, exhaustively: every combination of answers from three hosts.
 
 Each host has a truth (how many instances of the VM really run there: 0, 1 or 2), an answer to
-this request (not asked yet, a fresh listing, which tells the truth, or silence: unreachable or
-unreadable), a belief (the map's latest listing: never listed, listed without the VM, listed
+this request (not asked yet, a fresh listing, which tells the truth, silence (unreachable), or a
+doubt: an answer that cannot be read), a belief (the map's latest listing: never listed, listed without the VM, listed
 with it, whatever the truth is now) and a registration answer. The invariant, checked on every
 decision: a success never leaves a live instance anywhere the daemon could know of; the only
 instance it may miss is on a host that did not answer now and whose latest complete listing
-did not show the VM (docs/safety.md).
+did not show the VM (docs/safety.md); never one on a host in doubt.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vmfenced.verdict import (
 VM = "node1"
 HOSTS = ("esx1", "esx2", "esx3")
 TRUTHS = (0, 1, 2)
-ANSWERS = ("unasked", "fresh", "silent")
+ANSWERS = ("unasked", "fresh", "silent", "doubt")
 BELIEFS = (None, 0, 1)
 REGISTRATIONS = ("unasked", "yes", "no", "failed")
 
@@ -52,14 +52,19 @@ class World:
     @property
     def may_miss(self) -> bool:
         """An instance here is one the rule accepts not to see: silent, believed without it."""
-        return self.view.fresh is None and self.view.latest == ()
+        return self.view.fresh is None and not self.view.doubt and self.view.latest == ()
 
 
 def worlds(host: str, registrations: tuple[str, ...] = REGISTRATIONS) -> list[World]:
     out = []
     for truth, answer, belief, reg in itertools.product(TRUTHS, ANSWERS, BELIEFS, registrations):
+        if truth == 2 and answer != "fresh":
+            continue  # unseen, two instances decide nothing one does not
         fresh = instances(host, truth) if answer == "fresh" else None
-        problem = "unreachable: connection lost" if answer == "silent" else None
+        problem = {
+            "silent": "unreachable: connection lost",
+            "doubt": "cannot list running VMs: a VM name holds U+2028",
+        }.get(answer)
         latest = None if belief is None else instances(host, belief, base=500)
         registered = {
             "yes": (RegisteredVM("7", VM, f"[ds] {VM}/{VM}.vmx"),),
@@ -72,6 +77,7 @@ def worlds(host: str, registrations: tuple[str, ...] = REGISTRATIONS) -> list[Wo
                     host,
                     fresh=fresh,
                     problem=problem,
+                    doubt=answer == "doubt",
                     latest=latest,
                     registered=registered,
                     reg_problem="vim-cmd exited 1" if reg == "failed" else None,
@@ -109,6 +115,7 @@ def test_off_and_status_and_on_before_any_kill() -> None:
             assert known_instances(combo) == 1, combo
             assert all(w.view.fresh is not None or w.view.latest is not None for w in combo)
             assert all(not (w.view.problem and w.view.latest) for w in combo), combo
+            assert not any(w.view.doubt for w in combo), combo
         if off.step in (Step.LIST, Step.REGISTRATIONS):
             assert off.hosts, combo
         assert off.step not in (Step.KILLED, Step.ON, Step.OFF, Step.POWER_ON), combo
@@ -200,3 +207,15 @@ def test_unreachable_host_that_held_it_fails_even_after_a_kill_elsewhere() -> No
     decision = decide_off(VM, views, KillReport(target, KillOutcome.KILLED))
     assert decision.step is Step.FAIL and decision.host == "esx2"
     assert "stonith_admin --confirm" in decision.reason
+
+
+def test_a_host_in_doubt_fails_a_kill_elsewhere_whatever_it_listed_before() -> None:
+    """It answers but cannot be read (a hostile name): it runs on, so no old listing speaks."""
+    target = Located("esx1", instances("esx1", 1)[0])
+    views = [
+        view("esx1", fresh=()),
+        view("esx2", problem="cannot list running VMs: U+2028", doubt=True, latest=()),
+    ]
+    decision = decide_off(VM, views, KillReport(target, KillOutcome.KILLED))
+    assert decision.step is Step.FAIL and decision.host == "esx2"
+    assert "cannot be read" in decision.reason
