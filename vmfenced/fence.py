@@ -93,9 +93,6 @@ class Fencer:
     def inflight(self) -> list[asyncio.Task[FenceResult]]:
         return [*self._inflight.values(), *self._pending_on.values()]
 
-    def pending_power_on(self) -> list[str]:
-        return sorted(self._pending_on)
-
     def _known(self, vm: str) -> bool:
         return vm in self.aliases.values() or vm in self._evidence.seen or self._map.is_known(vm)
 
@@ -154,12 +151,10 @@ class Fencer:
 
     async def _timed(self, vm: str, action: str, start: float) -> FenceResult:
         run: Callable[[str, float], Awaitable[FenceResult]] = {
-            "off": self._off,
+            "off": self._bounded_off,
             "on": self._on,
             "reboot": self._reboot,
         }[action]
-        if action == "off":
-            return await self._bounded_off(vm, start)
         return await run(vm, start)
 
     async def _bounded_off(self, vm: str, start: float) -> FenceResult:

@@ -116,6 +116,10 @@ def _where(found: Iterable[Located]) -> str:
     )
 
 
+def _problems(views: Sequence[HostView]) -> str:
+    return "; ".join(f"{v.host} ({v.problem})" for v in views)
+
+
 def _ambiguous(vm: str, found: Sequence[Located], extra: str = "") -> Decision:
     return _fail(
         f"ambiguous: {len(found)} instances of {vm!r} run at once, nothing was killed on a "
@@ -159,11 +163,11 @@ def _unanswered_risk(views: Sequence[HostView], vm: str) -> Decision | None:
 
 def _absent_everywhere(views: Sequence[HostView], vm: str, known: bool) -> Decision:
     """No fresh listing shows the VM: OFF needs every host's listing and a registration."""
-    silent = [f"{v.host} ({v.problem})" for v in views if v.fresh is None]
+    silent = [v for v in views if v.fresh is None]
     if silent:
         return _fail(
-            f"cannot confirm {vm!r} is off: no complete listing from " + "; ".join(silent),
-            silent[0].split(" ", 1)[0],
+            f"cannot confirm {vm!r} is off: no complete listing from " + _problems(silent),
+            silent[0].host,
         )
     unasked = tuple(v.host for v in views if not v.reg_asked)
     if any(v.registered for v in views):
@@ -274,12 +278,12 @@ def decide_on(vm: str, views: Sequence[HostView], *, known: bool = True) -> Deci
     unasked = tuple(v.host for v in views if not v.asked)
     if unasked:
         return Decision(Step.LIST, hosts=unasked)
-    silent = [f"{v.host} ({v.problem})" for v in views if v.fresh is None]
+    silent = [v for v in views if v.fresh is None]
     if silent:
         return _fail(
             f"cannot power on {vm!r}: it may already run on a host that did not answer: "
-            + "; ".join(silent),
-            silent[0].split(" ", 1)[0],
+            + _problems(silent),
+            silent[0].host,
         )
     unasked = tuple(v.host for v in views if not v.reg_asked)
     if unasked:

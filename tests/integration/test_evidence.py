@@ -77,8 +77,8 @@ def test_unreachable_host_that_held_the_vm_fails_a_kill_elsewhere(lab: Lab) -> N
             states = {(v["name"], v["host"]): v["state"] for v in status["vms"]}
             assert states[("gfs-node2", "esx2")] == "unconfirmable"
         assert esx2.pid_alive(old)
-        # The fence killed the copy on esx1 (it was there) and refused to call that success.
-        assert not esx1.pid_alive(copy) or "gfs-node2" in esx1.vm_pids()
+        # Nothing was killed on a guess: the copy on esx1 runs on.
+        assert esx1.pid_alive(copy)
 
 
 def test_on_after_a_reload_points_the_host_at_another_machine(lab: Lab) -> None:

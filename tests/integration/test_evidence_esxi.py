@@ -9,32 +9,14 @@ test_hostile_names.py; these tests check the daemon's word against the hosts' pr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_hostile_names import skip_without_lab
 from vmflab import EsxClassicHost, Lab, LabHost
 from vmflab.daemon import LabDaemon
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def esx_lab(tmp_path: Path) -> Iterator[Lab]:
-    """Two ESXi lab hosts (esx1, esx2); every process is killed afterwards."""
-    skip_without_lab()
-    with Lab(tmp_path / "lab", host_names=("esx1", "esx2")) as started:
-        yield started
-
-
-@pytest.fixture
-def classic_lab(tmp_path: Path) -> Iterator[Lab]:
-    skip_without_lab()
-    with Lab(tmp_path / "lab", host_names=(), classic_hosts=("esx3a",)) as started:
-        yield started
 
 
 def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:

@@ -6,14 +6,11 @@ no longer names that VM on the host is refused there and starts nothing."""
 
 from __future__ import annotations
 
-import os
 import shlex
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import lab_unavailable
 from vmfenced.backends import esx_classic as ec
 from vmfenced.backends import esxi
 from vmfenced.config import HostConfig
@@ -36,31 +33,6 @@ def forged_name(sep: str, cfg: str = EVIL_CFG) -> str:
     """The issue's attack: a display name that completes its own vmdumper record, then starts
     one naming the victim, which vmdumper ends with the attacker's own cartel."""
     return f'evil" vmxCartelID=5{sep}vmid=7 pid=-1 cfgFile="{cfg}" uuid="" displayName="victim'
-
-
-def skip_without_lab() -> None:
-    reason = lab_unavailable()
-    if reason:
-        # In CI a missing prerequisite is a broken setup, not a reason to run nothing.
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def esx_lab(tmp_path: Path) -> Iterator[Lab]:
-    """Two ESXi lab hosts (esx1, esx2); every process is killed afterwards."""
-    skip_without_lab()
-    with Lab(tmp_path / "lab", host_names=("esx1", "esx2")) as started:
-        yield started
-
-
-@pytest.fixture
-def classic_lab(tmp_path: Path) -> Iterator[Lab]:
-    """One esx-classic lab host (esx3a); every process is killed afterwards."""
-    skip_without_lab()
-    with Lab(tmp_path / "lab", host_names=(), classic_hosts=("esx3a",)) as started:
-        yield started
 
 
 def runner(host: LabHost, setup: str) -> Callable[[str], tuple[int, str]]:
