@@ -85,7 +85,14 @@ def main() -> int:
                 timed(partial(run_quiet, agent, f"action=off\nplug={vm}\nsocket={sock}\n"))
                 for vm in names["agent"]
             ]
-            rows["fence_vmfenced -o status"] = [
+            # A running VM is ON on a fresh listing of every host; an OFF needs positive
+            # evidence, every host's registrations listed for the request (`vim-cmd`, slow).
+            running = names["coldssh"][0]
+            rows["fence_vmfenced -o status (VM running: ON)"] = [
+                timed(lambda: run_quiet(agent, f"action=status\nplug={running}\nsocket={sock}\n"))
+                for _ in range(n)
+            ]
+            rows["fence_vmfenced -o status (VM fenced: OFF)"] = [
                 timed(lambda: run_quiet(agent, f"action=status\nplug=daemon-0\nsocket={sock}\n"))
                 for _ in range(n)
             ]

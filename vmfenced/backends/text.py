@@ -9,9 +9,15 @@ parsed into anything: it is a doubt for the host that listed it.
 
 from __future__ import annotations
 
-import unicodedata
+import re
 
 from vmfenced.errors import ParseError
+
+# Exactly the Unicode categories Cc (C0, DEL, C1), Zl (U+2028) and Zp (U+2029), which are fixed
+# sets; a test checks this class against unicodedata over every code point. A regular
+# expression, because calling unicodedata.category per character made parsing a listing of
+# 90 VMs cost 0.8 ms, most of a fence's own CPU.
+_UNTRUSTED = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def split_lines(text: str) -> list[str]:
@@ -27,7 +33,7 @@ def split_lines(text: str) -> list[str]:
 def untrusted_chars(name: str) -> list[str]:
     """The characters of `name` no listing can carry unambiguously: C0/C1 controls, DEL, and
     the Unicode line and paragraph separators (categories Cc, Zl, Zp)."""
-    return [c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+    return _UNTRUSTED.findall(name)
 
 
 def check_name(what: str, name: str) -> str:
