@@ -11,6 +11,7 @@ nothing beyond the standard library.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -22,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from vmfenced.ctl import run as ctl_run
 
 
 @dataclass(frozen=True)
@@ -302,3 +305,15 @@ def assert_stdlib_only(names: set[str]) -> None:
     baseline = imported_modules(["-c", "pass"])[2]
     ours = names - baseline - {"vmfenced", "org"}
     assert ours <= set(sys.stdlib_module_names), sorted(ours - set(sys.stdlib_module_names))
+
+
+# Five minutes after the canned hosts' `since`: vmfencectl's ages read the same in every run.
+NOW = 1764000300.0
+
+
+def run_ctl(daemon: FakeDaemon | None, *argv: str) -> tuple[int, str, str]:
+    """vmfencectl in this process against `daemon` (or its default socket), at NOW."""
+    out, err = io.StringIO(), io.StringIO()
+    prefix = ["--socket", str(daemon.path)] if daemon is not None else []
+    code = ctl_run([*prefix, *argv], out, err, clock=lambda: NOW)
+    return code, out.getvalue(), err.getvalue()

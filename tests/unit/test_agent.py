@@ -6,7 +6,6 @@ import io
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,6 @@ RNG = Path("/usr/share/cluster/relaxng/metadata.rng")
 # Never loaded by the agent as installed: each costs every Pacemaker call milliseconds
 # (typing pulls contextlib in). collections and types stay: json, re and socket load them.
 AGENT_NEVER_IMPORTS = HEAVY | {"typing", "contextlib", "dataclasses"}
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(tmp_path / "d.sock") as fake:
-        yield fake
 
 
 class Outcome:

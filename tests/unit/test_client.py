@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,12 +31,6 @@ from vmfenced.client import (
     parse_vm_status,
     vm_name_problem,
 )
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(tmp_path / "d.sock") as fake:
-        yield fake
 
 
 def client(daemon: FakeDaemon, **kwargs: float) -> Client:

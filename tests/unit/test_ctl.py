@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fakedaemon import (
+    NOW,
     Err,
     FakeDaemon,
     Hang,
@@ -24,23 +23,9 @@ from tests.fakedaemon import (
     vm,
     vm_status_result,
 )
+from tests.fakedaemon import run_ctl as ctl
 from vmfenced import __version__
-from vmfenced.ctl import format_age, run
-
-NOW = 1764000300.0  # five minutes after the canned hosts' `since`
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(tmp_path / "d.sock") as fake:
-        yield fake
-
-
-def ctl(daemon: FakeDaemon | None, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    prefix = ["--socket", str(daemon.path)] if daemon is not None else []
-    code = run([*prefix, *argv], out, err, clock=lambda: NOW)
-    return code, out.getvalue(), err.getvalue()
+from vmfenced.ctl import format_age
 
 
 def test_status_table(daemon: FakeDaemon) -> None:

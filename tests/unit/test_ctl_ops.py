@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-from tests.fakedaemon import Err, FakeDaemon, Ok
-from vmfenced.ctl import RELOAD_TIMEOUT_S, UsageError, build_parser, parse_since, run
-
-NOW = 1764000300.0
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(tmp_path / "d.sock") as fake:
-        yield fake
-
-
-def ctl(daemon: FakeDaemon, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run(["--socket", str(daemon.path), *argv], out, err, clock=lambda: NOW)
-    return code, out.getvalue(), err.getvalue()
+from tests.fakedaemon import NOW, Err, FakeDaemon, Ok
+from tests.fakedaemon import run_ctl as ctl
+from vmfenced.ctl import RELOAD_TIMEOUT_S, UsageError, build_parser, parse_since
 
 
 def reload_result(**extra: object) -> dict[str, object]:

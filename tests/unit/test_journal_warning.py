@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from tests.fakedaemon import FakeDaemon, Ok, fence_result, status_result
+from tests.fakedaemon import NOW, FakeDaemon, Ok, fence_result, status_result
+from tests.fakedaemon import run_ctl as ctl
 from vmfenced.agent import run as agent_run
 from vmfenced.api import Api
 from vmfenced.client_errors import ProtocolViolation
-from vmfenced.ctl import run as ctl_run
 from vmfenced.fence import Fencer, FenceResult
 from vmfenced.journal import FenceEntry
 from vmfenced.metrics import Metrics
@@ -27,7 +25,6 @@ from vmfenced.protocol import FenceRequest
 from vmfenced.replies import parse_status
 from vmfenced.watchdog import Watchdog
 
-NOW = 1764000300.0
 WARNING = "fence record not written: No space left on device; kept in memory (3 waiting)"
 
 
@@ -43,18 +40,6 @@ def journal_state(**extra: object) -> dict[str, object]:
     }
     state.update(extra)
     return state
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(tmp_path / "d.sock") as fake:
-        yield fake
-
-
-def ctl(daemon: FakeDaemon, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = ctl_run(["--socket", str(daemon.path), *argv], out, err, clock=lambda: NOW)
-    return code, out.getvalue(), err.getvalue()
 
 
 # -- the daemon's reply ------------------------------------------------------------------------
