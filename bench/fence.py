@@ -85,7 +85,7 @@ def main() -> int:
                 timed(partial(run_quiet, agent, f"action=off\nplug={vm}\nsocket={sock}\n"))
                 for vm in names["agent"]
             ]
-            # A running VM is ON on a fresh listing of every host; an OFF needs positive
+            # A running VM is ON on a fresh listing of its host; an OFF needs positive
             # evidence, every host's registrations listed for the request (`vim-cmd`, slow).
             running = names["coldssh"][0]
             rows["fence_vmfenced -o status (VM running: ON)"] = [
