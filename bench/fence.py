@@ -22,7 +22,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from vmfenced.agent_install import install
+from vmfenced.clients.agent_install import install
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 from vmflab.stats import percentile
@@ -73,7 +73,7 @@ def main() -> int:
             rows["daemon: fence off, daemon-side (socket request to confirmed death)"] = inside
             rows["daemon: fence off, client round trip over the socket"] = around
 
-            # As installed for Pacemaker (python3 -m vmfenced.agent_install): no site, -IS.
+            # As installed for Pacemaker (python3 -m vmfenced.clients.agent_install): no site, -IS.
             agent = [str(install(Path(tmp) / "fence_vmfenced"))]
             rows["python3 -c pass (interpreter floor)"] = [
                 timed(lambda: run_quiet([sys.executable, "-c", "pass"])) for _ in range(n)

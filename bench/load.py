@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vmfenced.agent_install import install
+from vmfenced.clients.agent_install import install
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
 from vmflab.procs import outer_pid

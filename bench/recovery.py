@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmfenced import link
 from vmfenced.config import DaemonConfig, SSHConfig
+from vmfenced.daemon import link
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
 from vmflab.procs import stopped
@@ -170,7 +170,7 @@ def dead_round(
 def new_rows(kind: str, fault: str, comeback: str) -> dict[str, Series]:
     return {
         # A host's state is its fence lane's; the inventory lane's keepalive is slower on
-        # purpose (vmfenced.host.INVENTORY_KEEPALIVE_FACTOR).
+        # purpose (vmfenced.daemon.host.INVENTORY_KEEPALIVE_FACTOR).
         f"{kind}: host down": Series(f"{fault} until `status` shows the host down", TARGET_DOWN_S),
         f"{kind}: down": Series(f"{fault} until `status` shows both lanes down"),
         f"{kind}: link up": Series(f"{comeback} until `status` shows both lanes up"),
@@ -245,7 +245,8 @@ def report(
     )
     print(f"Link settings ({origin}): " + ", ".join(f"{k} = {v}" for k, v in settings.items()))
     print(
-        f"fence_timeout = {fence_timeout}; vmfenced.link: BACKOFF_FIRST = {link.BACKOFF_FIRST}, "
+        f"fence_timeout = {fence_timeout}; vmfenced.daemon.link: "
+        f"BACKOFF_FIRST = {link.BACKOFF_FIRST}, "
         f"BACKOFF_CAP = {link.BACKOFF_CAP}, RECONNECT_GRACE = {link.RECONNECT_GRACE}"
     )
     print(

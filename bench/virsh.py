@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import vmfenced
-from vmfenced.agent_install import install
+from vmfenced.clients.agent_install import install
 from vmflab import Lab, LibvirtHost
 from vmflab.cluster import Cluster
 from vmflab.cluster_config import agent_wrapper, host_map
@@ -126,7 +126,7 @@ FAST_FLOOR = "python3 -IS -c pass (the installed agent's interpreter floor)"
 
 def agents(lab: Lab, daemon: LabDaemon, n: int, agent: list[str]) -> Rows:
     """off and status through both agents, and the daemon-side fence, alternating on the VMs.
-    `agent` is fence_vmfenced as installed (`python3 -m vmfenced.agent_install`)."""
+    `agent` is fence_vmfenced as installed (`python3 -m vmfenced.clients.agent_install`)."""
     rows: Rows = {}
 
     def add(name: str, value: float) -> None:
@@ -290,7 +290,7 @@ def pacemaker_rows(lab: Lab, daemon: LabDaemon, workdir: Path, n: int) -> Rows:
     subprocess.run(["mount", "--bind", "/proc/self/ns/net", str(netns)], check=True)
     rows: Rows = {}
     try:
-        wrapper = agent_wrapper("vmfenced.agent", [sys.executable, "/usr/bin/python3"])
+        wrapper = agent_wrapper("vmfenced.clients.agent", [sys.executable, "/usr/bin/python3"])
         with Cluster(
             workdir / "cluster",
             vms,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from vmfenced.ctl import run as ctl_run
+from vmfenced.clients.ctl import run as ctl_run
 
 
 @dataclass(frozen=True)
@@ -272,9 +272,10 @@ def vm_status_result(state: str = "on") -> dict[str, object]:
 
 
 # The clients start as a new process on every call: they must import the standard library only.
+# The import contracts (pyproject.toml) forbid the daemon and its dependencies statically; a
+# running agent also shows a dependency nobody thought to forbid.
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = frozenset({"pydantic", "asyncssh", "structlog", "uvloop"})
 
 
 def imported_modules(args: list[str], stdin: bytes = b"") -> tuple[int, str, set[str]]:
@@ -299,7 +300,6 @@ def imported_modules(args: list[str], stdin: bytes = b"") -> tuple[int, str, set
 
 def assert_stdlib_only(names: set[str]) -> None:
     assert "vmfenced" in names and "socket" in names
-    assert not names & HEAVY, sorted(names & HEAVY)
     # Whatever site and .pth files load in a bare interpreter is not ours to judge; `org` is
     # copy.py's probe for Jython, which the import log lists although it fails.
     baseline = imported_modules(["-c", "pass"])[2]

@@ -11,9 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vmfenced import wire
 from vmfenced.errors import ConfigError
 
-DEFAULT_SOCKET = Path("/run/vmfenced/vmfenced.sock")
+DEFAULT_SOCKET = Path(wire.DEFAULT_SOCKET)
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/vmfenced")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-MAX_REQUEST = 64 * 1024
-MAX_HISTORY = 10_000
+from vmfenced.wire import MAX_HISTORY, MAX_VM_NAME
+
 ERROR_CODES = frozenset(
     {
         "bad_request",
@@ -24,7 +24,7 @@ ERROR_CODES = frozenset(
 )
 
 RequestId = Annotated[str, Field(max_length=128)] | int | None
-VMName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+VMName = Annotated[str, Field(min_length=1, max_length=MAX_VM_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class _Request(BaseModel):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vmfenced.agent_install import install
+from vmfenced.clients.agent_install import install
 from vmflab.control import LabError
 from vmflab.daemon import LabDaemon
 from vmflab.lab import Lab
@@ -69,11 +69,11 @@ def fenced(daemon: LabDaemon, host: str, victim: int, pid_alive: PidAlive) -> bo
     """Status and off of node2 through fence_vmfenced, as Pacemaker runs it; True when the
     VM's process is gone afterwards, checked over ssh on its host."""
     sock = str(daemon.socket)
-    # The agent as installed for Pacemaker (python3 -m vmfenced.agent_install), next to the
+    # The agent as installed for Pacemaker (python3 -m vmfenced.clients.agent_install), next to the
     # daemon's own files.
     agent = [str(install(daemon.dir / "fence_vmfenced"))]
     _say("vmfencectl status")
-    _run([sys.executable, "-m", "vmfenced.ctl", "--socket", sock, "status"])
+    _run([sys.executable, "-m", "vmfenced.clients.ctl", "--socket", sock, "status"])
 
     _say("fence_vmfenced, as Pacemaker runs it: key=value lines on stdin")
     print("$ printf 'action=status\\nplug=node2\\n' | fence_vmfenced")
@@ -140,11 +140,15 @@ def libvirt_demo(lab: Lab) -> int:
         state = kvm2.domstate("gfs-node2")
         print(f"libvirtd on kvm2 says gfs-node2 is: {state}")
         times = latency(daemon)
-        _say("vmfencectl status after the fences")
-        _run([sys.executable, "-m", "vmfenced.ctl", "--socket", str(daemon.socket), "status"])
+        _ctl_status(daemon)
     if Path(FENCE_VIRSH).exists():
         fence_virsh_beside(lab)
     return 0 if ok and times else 1
+
+
+def _ctl_status(daemon: LabDaemon) -> None:
+    _say("vmfencectl status after the fences")
+    _run([sys.executable, "-m", "vmfenced.clients.ctl", "--socket", str(daemon.socket), "status"])
 
 
 def esxi_demo(lab: Lab) -> int:
@@ -163,8 +167,7 @@ def esxi_demo(lab: Lab) -> int:
         ok = fenced(daemon, "esx2", victim, esx2.pid_alive)
         times = latency(daemon)
         print("(today's agents: fence_virsh off about 1 s, vmware-cmd off hard 3.5 s)")
-        _say("vmfencectl status after the fences")
-        _run([sys.executable, "-m", "vmfenced.ctl", "--socket", str(daemon.socket), "status"])
+        _ctl_status(daemon)
         return 0 if ok and times else 1
 
 

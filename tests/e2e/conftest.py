@@ -114,7 +114,7 @@ def cluster(
     agent_path = Path("/usr/sbin") / AGENT
     agent_before = agent_path.exists()
     # The agent reaches /usr/sbin through a per-node overlay: the real /usr/sbin is untouched.
-    wrapper = agent_wrapper("vmfenced.agent", [sys.executable, "/usr/bin/python3"])
+    wrapper = agent_wrapper("vmfenced.clients.agent", [sys.executable, "/usr/bin/python3"])
     with Cluster(
         tmp_path_factory.mktemp("e2e") / "cluster",
         node_vms,

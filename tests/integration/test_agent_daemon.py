@@ -35,7 +35,7 @@ def daemon(lab: Lab) -> Iterator[LabDaemon]:
 def agent(daemon: LabDaemon | None, lines: str, socket: str | None = None) -> Run:
     path = socket or (str(daemon.socket) if daemon else "/nonexistent/vmfenced.sock")
     done = subprocess.run(
-        [sys.executable, "-m", "vmfenced.agent"],
+        [sys.executable, "-m", "vmfenced.clients.agent"],
         input=f"{lines}\nsocket={path}\n",
         capture_output=True,
         text=True,
@@ -109,7 +109,7 @@ def test_malformed_input_never_fences(lab: Lab, daemon: LabDaemon) -> None:
 
 def ctl(daemon: LabDaemon, *args: str) -> Run:
     done = subprocess.run(
-        [sys.executable, "-m", "vmfenced.ctl", "--socket", str(daemon.socket), *args],
+        [sys.executable, "-m", "vmfenced.clients.ctl", "--socket", str(daemon.socket), *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.conftest import lab_unavailable
 from tests.waiting import wait_for
-from vmfenced.ctl import render_status
+from vmfenced.clients.ctl import render_status
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
 

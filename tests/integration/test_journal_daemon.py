@@ -19,8 +19,8 @@ import pytest
 
 from tests.integration.test_notify_daemon import Systemd
 from tests.waiting import wait_until
-from vmfenced.ctl import run as ctl_run
-from vmfenced.journal import FILE_NAME, read
+from vmfenced.clients.ctl import run as ctl_run
+from vmfenced.daemon.journal import FILE_NAME, read
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
@@ -150,7 +150,7 @@ def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
 def fence_agent(daemon: LabDaemon, plug: str) -> subprocess.CompletedProcess[str]:
     """fence_vmfenced as Pacemaker starts it."""
     return subprocess.run(
-        [sys.executable, "-m", "vmfenced.agent"],
+        [sys.executable, "-m", "vmfenced.clients.agent"],
         input=f"action=off\nplug={plug}\nsocket={daemon.socket}\n",
         capture_output=True,
         text=True,

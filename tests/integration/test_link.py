@@ -10,8 +10,8 @@ import pytest
 import pytest_asyncio
 
 from vmfenced.config import HostConfig, SSHConfig
+from vmfenced.daemon.link import Lane
 from vmfenced.errors import CommandTimeout, LinkDown, LinkError
-from vmfenced.link import Lane
 from vmfenced.model import LinkState
 from vmflab import Lab, LabHost
 

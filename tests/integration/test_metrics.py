@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.waiting import wait_for
-from vmfenced.ctl import run as ctl_run
+from vmfenced.clients.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 

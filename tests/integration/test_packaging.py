@@ -62,9 +62,12 @@ def test_wheel_and_sdist_contents(dist: Path) -> None:
         entry_points = archive.read(f"vmfenced-{__version__}.dist-info/entry_points.txt").decode()
     assert {"vmfenced/py.typed", "vmfenced/daemon.py", "vmfenced/journal.py"} <= names
     assert not any(name.startswith("tests/") for name in names)
-    for script in ("vmfenced = vmfenced.daemon:main", "fence_vmfenced = vmfenced.agent:main"):
+    for script in (
+        "vmfenced = vmfenced.daemon:main",
+        "fence_vmfenced = vmfenced.clients.agent:main",
+    ):
         assert script in entry_points
-    assert "vmfencectl = vmfenced.ctl:main" in entry_points
+    assert "vmfencectl = vmfenced.clients.ctl:main" in entry_points
     with tarfile.open(sdist) as archive:
         members = {m.name.split("/", 1)[1] for m in archive.getmembers() if "/" in m.name}
     assert {

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.waiting import wait_for
-from vmfenced.ctl import run as ctl_run
+from vmfenced.clients.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
 from vmflab.host import LabHost

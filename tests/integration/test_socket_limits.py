@@ -32,8 +32,8 @@ from tests.integration.socket_clients import (
     request,
 )
 from tests.waiting import wait_for
-from vmfenced.clientlimits import MIN_CLIENTS, reserved_fds
-from vmfenced.ctl import run as ctl_run
+from vmfenced.clients.ctl import run as ctl_run
+from vmfenced.daemon.clientlimits import MIN_CLIENTS, reserved_fds
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
 from vmflab.host import LabHost

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.fakedaemon import (
-    HEAVY,
     Close,
     Err,
     FakeDaemon,
@@ -27,14 +26,14 @@ from tests.fakedaemon import (
     vm_status_result,
 )
 from vmfenced import __version__
-from vmfenced.agent import run
-from vmfenced.agent_install import install
-from vmfenced.agent_metadata import metadata_xml
+from vmfenced.clients.agent import run
+from vmfenced.clients.agent_install import install
+from vmfenced.clients.agent_metadata import metadata_xml
 
 RNG = Path("/usr/share/cluster/relaxng/metadata.rng")
 # Never loaded by the agent as installed: each costs every Pacemaker call milliseconds
 # (typing pulls contextlib in). collections and types stay: json, re and socket load them.
-AGENT_NEVER_IMPORTS = HEAVY | {"typing", "contextlib", "dataclasses"}
+AGENT_NEVER_IMPORTS = frozenset({"typing", "contextlib", "dataclasses"})
 
 
 class Outcome:
@@ -416,7 +415,7 @@ def test_agent_process_imports_only_the_standard_library(daemon: FakeDaemon, std
     daemon.set("vm_status", Ok(vm_status_result()))
     daemon.set("fence", Ok(fence_result("off")))
     code, stderr, names = imported_modules(
-        ["-m", "vmfenced.agent"], stdin + f"socket={daemon.path}\n".encode()
+        ["-m", "vmfenced.clients.agent"], stdin + f"socket={daemon.path}\n".encode()
     )
     assert code == 0, stderr[-2000:]
     assert_stdlib_only(names)
@@ -436,4 +435,5 @@ def test_installed_agent_loads_no_typing(daemon: FakeDaemon, tmp_path: Path, std
     )
     assert code == 0, stderr[-2000:]
     assert {"vmfenced", "json", "socket"} <= names
+    assert_stdlib_only(names)
     assert not names & AGENT_NEVER_IMPORTS, sorted(names & AGENT_NEVER_IMPORTS)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vmfenced.agent_install import install
+from vmfenced.clients.agent_install import install
 
 
 def test_wrapper_runs_the_agent_without_site(tmp_path: Path) -> None:
@@ -32,5 +32,5 @@ def test_install_replaces_atomically(tmp_path: Path) -> None:
     target = tmp_path / "fence_vmfenced"
     target.write_text("old")
     install(target)
-    assert "from vmfenced.agent import main" in target.read_text()
+    assert "from vmfenced.clients.agent import main" in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["fence_vmfenced"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmfenced.agent_options import UsageError, make_options, parse_argv, parse_stdin
+from vmfenced.clients.agent_options import UsageError, make_options, parse_argv, parse_stdin
 
 # -- stdin parsing ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""vmfenced.client against the fake daemon: replies, typed errors, bounds."""
+"""vmfenced.clients.client against the fake daemon: replies, typed errors, bounds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.fakedaemon import (
     status_result,
     vm_status_result,
 )
-from vmfenced.client import (
+from vmfenced.clients.client import (
     Client,
     DaemonError,
     DaemonTimeout,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vmfenced.config import Config, check_environment, load, parse
-from vmfenced.daemon import check
+from vmfenced.daemon.app import check
 from vmfenced.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "vmfenced.toml"

@@ -9,7 +9,7 @@ import pytest
 
 from tests.fakedaemon import NOW, Err, FakeDaemon, Ok
 from tests.fakedaemon import run_ctl as ctl
-from vmfenced.ctl import RELOAD_TIMEOUT_S, UsageError, build_parser, parse_since
+from vmfenced.clients.ctl import RELOAD_TIMEOUT_S, UsageError, build_parser, parse_since
 
 
 def reload_result(**extra: object) -> dict[str, object]:

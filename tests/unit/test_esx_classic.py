@@ -16,10 +16,10 @@ import pytest
 
 from vmfenced.backends import esx_classic as ec
 from vmfenced.backends import parse_kill_marker
-from vmfenced.client import parse_status
+from vmfenced.backends.registry import BACKENDS
+from vmfenced.clients.client import parse_status
+from vmfenced.clients.ctl import render_status
 from vmfenced.config import HostConfig, parse
-from vmfenced.ctl import render_status
-from vmfenced.daemon import BACKENDS
 from vmfenced.errors import ConfigError, ParseError
 from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vmfenced.evidence import Coalesced
+from vmfenced.daemon.evidence import Coalesced
 
 
 class Counter:

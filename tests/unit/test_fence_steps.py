@@ -9,9 +9,9 @@ from typing import cast
 
 import pytest
 
+from vmfenced.daemon.fence import Fencer
+from vmfenced.daemon.host import Host
 from vmfenced.errors import FenceFailed
-from vmfenced.fence import Fencer
-from vmfenced.host import Host
 from vmfenced.model import KillOutcome, RegisteredVM, RunningVM, VMMap
 
 HOSTS = ("esx1", "esx2", "esx3")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vmfenced.daemon.journal import FILE_NAME, FenceEntry, Journal, JournalError, encode, read
 from vmfenced.errors import StartupError
-from vmfenced.journal import FILE_NAME, FenceEntry, Journal, JournalError, encode, read
 
 
 def entry(n: int, vm: str = "gfs-node1", target: str | None = None, t: float = 1e9) -> FenceEntry:
@@ -197,7 +197,7 @@ async def test_stuck_for_reports_a_waiting_write(journal: Journal) -> None:
 WRITER = """
 import asyncio, sys
 from pathlib import Path
-from vmfenced.journal import Journal
+from vmfenced.daemon.journal import Journal
 journal = Journal(Path(sys.argv[1]), int(sys.argv[2]), 2)
 journal.open()
 async def main():

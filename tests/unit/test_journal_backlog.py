@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from vmfenced.journal import FILE_NAME, Journal, JournalError, encode, read
-from vmfenced.watchdog import journal_writable
+from vmfenced.daemon.journal import FILE_NAME, Journal, JournalError, encode, read
+from vmfenced.daemon.watchdog import journal_writable
 
 
 def record(n: int) -> dict[str, object]:

@@ -13,17 +13,17 @@ from structlog.testing import capture_logs
 
 from tests.fakedaemon import NOW, FakeDaemon, Ok, fence_result, status_result
 from tests.fakedaemon import run_ctl as ctl
-from vmfenced.agent import run as agent_run
-from vmfenced.api import Api
-from vmfenced.client_errors import ProtocolViolation
-from vmfenced.fence import Fencer, FenceResult
-from vmfenced.journal import FenceEntry
-from vmfenced.metrics import Metrics
+from vmfenced.clients.agent import run as agent_run
+from vmfenced.clients.errors import ProtocolViolation
+from vmfenced.clients.replies import parse_status
+from vmfenced.daemon.api import Api
+from vmfenced.daemon.fence import Fencer, FenceResult
+from vmfenced.daemon.journal import FenceEntry
+from vmfenced.daemon.metrics import Metrics
+from vmfenced.daemon.notify import Notifier
+from vmfenced.daemon.watchdog import Watchdog
 from vmfenced.model import VMMap
-from vmfenced.notify import Notifier
 from vmfenced.protocol import FenceRequest
-from vmfenced.replies import parse_status
-from vmfenced.watchdog import Watchdog
 
 WARNING = "fence record not written: No space left on device; kept in memory (3 waiting)"
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from vmfenced.backends import libvirt as lv
+from vmfenced.backends.registry import BACKENDS
 from vmfenced.config import parse
-from vmfenced.daemon import BACKENDS
 from vmfenced.errors import ConfigError, ParseError
 from vmfenced.model import RegisteredVM, RunningVM
 

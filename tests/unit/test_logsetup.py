@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from vmfenced import logsetup
+from vmfenced.daemon import logsetup
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import socket
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vmfenced.metrics import MAX_REQUEST_HEAD, Metrics, MetricsServer
+from vmfenced.daemon.metrics import MAX_REQUEST_HEAD, Metrics, MetricsServer
 from vmfenced.model import VMMap
 
 

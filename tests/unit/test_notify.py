@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vmfenced.notify import Notifier, watchdog_interval
-from vmfenced.watchdog import Watchdog, journal_flowing, socket_accepts
+from vmfenced.daemon.notify import Notifier, watchdog_interval
+from vmfenced.daemon.watchdog import Watchdog, journal_flowing, socket_accepts
 
 
 class Receiver:

@@ -9,8 +9,8 @@ import asyncssh
 import pytest
 
 from vmfenced.config import Config, parse
+from vmfenced.daemon.reload_plan import plan, prepare
 from vmfenced.errors import ConfigError
-from vmfenced.reload import plan, prepare
 
 KEY = Path("/etc/vmfenced/id_ed25519")
 OTHER = Path("/etc/vmfenced/other")

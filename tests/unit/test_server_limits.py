@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from vmfenced import peercred
-from vmfenced.clientlimits import (
+from vmfenced.config import parse
+from vmfenced.daemon import peercred
+from vmfenced.daemon.clientlimits import (
     BASE_FDS,
     FDS_PER_HOST,
     MAX_CLIENTS,
@@ -20,9 +21,8 @@ from vmfenced.clientlimits import (
     ClientLimits,
     reserved_fds,
 )
-from vmfenced.config import parse
+from vmfenced.daemon.peercred import decode_groups, peer_of, read_groups
 from vmfenced.errors import ConfigError, StartupError
-from vmfenced.peercred import decode_groups, peer_of, read_groups
 
 # -- client limits -----------------------------------------------------------------------------
 
@@ -177,8 +177,8 @@ def test_bad_client_idle_timeout_is_named(value: Any, expected: str) -> None:
 def test_client_reads_the_refusal_of_a_daemon_that_closed_before_the_request() -> None:
     """The daemon refuses at accept and closes: the client's send then breaks, but the one
     line already sent is the answer (not `connection lost while sending: Broken pipe`)."""
-    from vmfenced.client import Client
-    from vmfenced.client_errors import DaemonError
+    from vmfenced.clients.client import Client
+    from vmfenced.clients.errors import DaemonError
     from vmfenced.protocol import reply_error
 
     ours, daemons = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -194,8 +194,8 @@ def test_client_reads_the_refusal_of_a_daemon_that_closed_before_the_request() -
 
 
 def test_client_without_a_refusal_still_reports_the_broken_connection() -> None:
-    from vmfenced.client import Client
-    from vmfenced.client_errors import DaemonUnreachable
+    from vmfenced.clients.client import Client
+    from vmfenced.clients.errors import DaemonUnreachable
 
     ours, daemons = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     daemons.close()

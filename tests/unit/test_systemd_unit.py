@@ -74,7 +74,7 @@ def test_unit_promises() -> None:
 
 
 def test_limit_nofile_leaves_every_client_slot_beside_many_hosts() -> None:
-    from vmfenced.clientlimits import MAX_CLIENTS, ClientLimits, reserved_fds
+    from vmfenced.daemon.clientlimits import MAX_CLIENTS, ClientLimits, reserved_fds
 
     (value,) = section("Service")["LimitNOFILE"]
     nofile = int(value)  # one number: soft and hard alike, so the daemon need not raise it

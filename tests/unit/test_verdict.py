@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vmfenced.model import KillOutcome, Located, RegisteredVM, RunningVM
-from vmfenced.verdict import (
+from vmfenced.daemon.verdict import (
     HostView,
     KillReport,
     Step,
@@ -26,6 +25,7 @@ from vmfenced.verdict import (
     decide_on,
     decide_status,
 )
+from vmfenced.model import KillOutcome, Located, RegisteredVM, RunningVM
 
 VM = "node1"
 HOSTS = ("esx1", "esx2", "esx3")

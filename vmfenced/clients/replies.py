@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from vmfenced.client_errors import JsonObject, ProtocolViolation
-from vmfenced.client_records import (
+from vmfenced.clients.errors import JsonObject, ProtocolViolation
+from vmfenced.clients.records import (
     DaemonInfo,
     FenceResult,
     HistoryEntry,

@@ -12,8 +12,8 @@ import structlog
 
 from vmfenced.backends import Backend
 from vmfenced.config import HostConfig, SSHConfig
+from vmfenced.daemon.link import KnownHosts, Lane
 from vmfenced.errors import LinkError, ListingDoubt, ParseError
-from vmfenced.link import KnownHosts, Lane
 from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM
 
 # The inventory lane's keepalive interval, in fence-lane intervals (2 s at the defaults).

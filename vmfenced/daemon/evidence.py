@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Generic, TypeVar
 
+from vmfenced.daemon.host import Host
+from vmfenced.daemon.verdict import HostView
 from vmfenced.errors import LinkError, ListingDoubt
-from vmfenced.host import Host
 from vmfenced.model import RegisteredVM, RunningVM, VMMap
-from vmfenced.verdict import HostView
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ import json
 import socket
 import time
 
-from vmfenced.client_errors import (
+from vmfenced.clients.errors import (
     ClientError,
     DaemonError,
     DaemonTimeout,
@@ -18,7 +18,7 @@ from vmfenced.client_errors import (
     JsonObject,
     ProtocolViolation,
 )
-from vmfenced.client_records import (
+from vmfenced.clients.records import (
     DaemonInfo,
     FenceResult,
     HistoryEntry,
@@ -29,7 +29,7 @@ from vmfenced.client_records import (
     VmInfo,
     VmState,
 )
-from vmfenced.replies import (
+from vmfenced.clients.replies import (
     parse_fence,
     parse_history,
     parse_list,
@@ -38,6 +38,7 @@ from vmfenced.replies import (
     parse_status,
     parse_vm_status,
 )
+from vmfenced.wire import DEFAULT_SOCKET, FENCE_ACTIONS, MAX_REQUEST_BYTES, MAX_VM_NAME
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # only mypy needs it: the clients import only what they run
@@ -73,12 +74,8 @@ __all__ = [
     "vm_name_problem",
 ]
 
-DEFAULT_SOCKET = "/run/vmfenced/vmfenced.sock"
 # A status reply for a thousand VMs is a few hundred KiB; the bound only stops a runaway peer.
 MAX_REPLY_BYTES = 16 * 1024 * 1024
-MAX_REQUEST_BYTES = 64 * 1024
-MAX_VM_NAME = 256
-FENCE_ACTIONS = ("off", "on", "reboot")
 
 
 def vm_name_problem(name: str) -> str | None:

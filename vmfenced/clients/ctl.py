@@ -24,7 +24,7 @@ import time
 from datetime import UTC, datetime
 
 from vmfenced import __version__
-from vmfenced.client import (
+from vmfenced.clients.client import (
     DEFAULT_SOCKET,
     FENCE_ACTIONS,
     Client,
@@ -41,7 +41,8 @@ from vmfenced.client import (
     parse_vm_status,
     vm_name_problem,
 )
-from vmfenced.client_records import JournalInfo
+from vmfenced.clients.records import JournalInfo
+from vmfenced.wire import MAX_HISTORY
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing would cost every vmfencectl call its import time; only mypy needs it
@@ -56,7 +57,6 @@ EXIT_USAGE = 2
 DEFAULT_TIMEOUT_S = 30.0
 # A reload waits for fences in flight and for new hosts' first connection.
 RELOAD_TIMEOUT_S = 120.0
-MAX_HISTORY = 10_000
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 

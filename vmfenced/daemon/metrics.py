@@ -22,9 +22,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.process_collector import ProcessCollector
 
 from vmfenced import __version__
+from vmfenced.daemon.host import Host
+from vmfenced.daemon.link import Lane
 from vmfenced.errors import StartupError
-from vmfenced.host import Host
-from vmfenced.link import Lane
 from vmfenced.model import LinkState, VMMap
 
 # Fences confirmed over a warm shell take milliseconds; a search or a slow host, seconds.

@@ -1,6 +1,6 @@
 """Fencing: gather evidence, ask the verdict, act. Any doubt is a failure, never a success.
 
-`vmfenced.verdict` decides; this module only runs what it asks for (fresh listings,
+`vmfenced.daemon.verdict` decides; this module only runs what it asks for (fresh listings,
 registration listings, the guarded kill, a power-on) and turns its decision into a result.
 Requests for one VM are serialised; a power-on that outlives its request's budget keeps
 running in the background and the VM's later requests queue behind it.
@@ -15,11 +15,9 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from vmfenced.errors import FenceFailed, LinkError, UnknownVM
-from vmfenced.evidence import Evidence
-from vmfenced.host import Host
-from vmfenced.model import KillOutcome, Located, RegisteredVM, VMMap, resolve
-from vmfenced.verdict import (
+from vmfenced.daemon.evidence import Evidence
+from vmfenced.daemon.host import Host
+from vmfenced.daemon.verdict import (
     Decision,
     HostView,
     KillReport,
@@ -28,6 +26,8 @@ from vmfenced.verdict import (
     decide_on,
     decide_status,
 )
+from vmfenced.errors import FenceFailed, LinkError, UnknownVM
+from vmfenced.model import KillOutcome, Located, RegisteredVM, VMMap, resolve
 
 # A VM that moves between our listing and our kill (migration, HA restart) is chased this often.
 SEARCH_ROUNDS = 3

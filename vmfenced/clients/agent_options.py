@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 
-from vmfenced.agent_metadata import ACTIONS, PARAMS, Param
-from vmfenced.client import vm_name_problem
-from vmfenced.client_records import Record
+from vmfenced.clients.agent_metadata import ACTIONS, PARAMS, Param
+from vmfenced.clients.client import vm_name_problem
+from vmfenced.clients.records import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it

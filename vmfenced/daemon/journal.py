@@ -28,8 +28,8 @@ from typing import Any
 
 import structlog
 
+from vmfenced.daemon.journal_records import FILE_NAME, MAX_KEEP, FenceEntry, encode, read, rotated
 from vmfenced.errors import StartupError, VmfencedError
-from vmfenced.journal_records import FILE_NAME, MAX_KEEP, FenceEntry, encode, read, rotated
 
 __all__ = ["FILE_NAME", "FenceEntry", "Journal", "JournalError", "encode", "read"]
 

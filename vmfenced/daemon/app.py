@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,36 +14,33 @@ from typing import Any
 import asyncssh
 import structlog
 
-from vmfenced import __version__, logsetup
-from vmfenced.api import Api
-from vmfenced.backends import Backend, esx_classic, esxi, libvirt
+from vmfenced import __version__
+from vmfenced.backends.registry import BACKENDS
 from vmfenced.config import Config, check_environment, load
+from vmfenced.daemon import logsetup
+from vmfenced.daemon.api import Api
+from vmfenced.daemon.fence import Fencer
+from vmfenced.daemon.host import Host
+from vmfenced.daemon.hostset import STARTUP_HOSTS_AT_ONCE, HostSet
+from vmfenced.daemon.journal import FenceEntry, Journal
+from vmfenced.daemon.link import Lane
+from vmfenced.daemon.metrics import Metrics, MetricsServer
+from vmfenced.daemon.notify import Notifier, watchdog_interval
+from vmfenced.daemon.reload import Reloader
+from vmfenced.daemon.reload_plan import load_keys
+from vmfenced.daemon.server import Peer, SocketServer, reserved_fds
+from vmfenced.daemon.watchdog import Watchdog, journal_flowing, journal_writable, socket_accepts
 from vmfenced.errors import ConfigError, StartupError
-from vmfenced.fence import Fencer
-from vmfenced.host import Host
-from vmfenced.hostset import STARTUP_HOSTS_AT_ONCE, HostSet
-from vmfenced.journal import FenceEntry, Journal
-from vmfenced.link import Lane
-from vmfenced.metrics import Metrics, MetricsServer
 from vmfenced.model import LinkState, VMMap
-from vmfenced.notify import Notifier, watchdog_interval
 from vmfenced.protocol import FenceRequest, Request, StatusRequest, VMStatusRequest
-from vmfenced.reload import ReloadPlan, load_keys, plan, prepare
-from vmfenced.server import Peer, SocketServer, reserved_fds
-from vmfenced.watchdog import Watchdog, journal_flowing, journal_writable, socket_accepts
 
 DEFAULT_CONFIG = Path("/etc/vmfenced/vmfenced.toml")
 READY_WAIT_CAP = 60.0
 # The longest a fence reply waits for its journal record: a hung disk delays a fence by this
 # much, then the reply goes out with a journal_warning (the record stays queued).
 RECORD_WAIT_S = 5.0
-BACKENDS: dict[str, Backend] = {
-    "esxi": esxi.BACKEND,
-    "libvirt": libvirt.BACKEND,
-    "esx-classic": esx_classic.BACKEND,
-}
 
-__all__ = ["BACKENDS", "Daemon", "check", "load_keys", "main"]
+__all__ = ["Daemon", "check", "load_keys", "main"]
 
 
 def check(path: Path) -> list[str]:
@@ -77,14 +73,10 @@ class Daemon:
         journal: Journal,
         config_path: Path = DEFAULT_CONFIG,
     ) -> None:
-        self.config = config
-        self.keys = keys
         self.journal = journal
         self.config_path = config_path
         self.stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
-        self._reload_lock = asyncio.Lock()
         self._failed = False
         self._busy = 0  # fence and vm_status requests being answered
         self._quiet = asyncio.Event()
@@ -106,7 +98,6 @@ class Daemon:
         )
         self.metrics = Metrics(self.hosts, self.map, lambda: len(self.fencer.inflight()))
         self.metrics.watch_journal(self.journal.state)
-        self._metrics_server: MetricsServer | None = None
         self.api = Api(self.fencer, self.hosts, self.map, self)
         self.server = SocketServer(
             config.daemon.socket,
@@ -115,6 +106,28 @@ class Daemon:
             self._handle,
             config.daemon.client_idle_timeout,
         )
+        self.reloads = Reloader(
+            config,
+            keys,
+            config_path,
+            hostset=self.hostset,
+            server=self.server,
+            fencer=self.fencer,
+            journal=self.journal,
+            metrics=self.metrics,
+            notifier=self._notifier,
+            drained=self._drained,
+            status_line=self._status_line,
+            stopping=self.stop.is_set,
+        )
+
+    @property
+    def config(self) -> Config:
+        return self.reloads.config
+
+    @property
+    def keys(self) -> dict[Path, asyncssh.SSHKey]:
+        return self.reloads.keys
 
     # -- tasks and events ----------------------------------------------------------------------
 
@@ -171,8 +184,8 @@ class Daemon:
             started = True
             endpoint = self.config.metrics.endpoint()
             if endpoint is not None:
-                self._metrics_server = MetricsServer(self.metrics, *endpoint)
-                await self._metrics_server.start()
+                self.reloads.metrics_server = MetricsServer(self.metrics, *endpoint)
+                await self.reloads.metrics_server.start()
         except StartupError as exc:
             self._log.error("cannot start", reason=str(exc))
             # Like every other startup error: one plain line on stderr, whatever the log format.
@@ -235,15 +248,13 @@ class Daemon:
         if self.stop.is_set():
             self._log.warning("SIGHUP ignored: shutting down")
             return
-        self._start_reload("SIGHUP")
+        self.reloads.start("SIGHUP")
 
     async def _shutdown(self) -> None:
         self._notifier.stopping()
         grace = self.config.daemon.shutdown_timeout
         self.server.stop_accepting()
-        for reload in list(self._reloads):
-            reload.cancel()
-        await asyncio.gather(*self._reloads, return_exceptions=True)
+        await self.reloads.cancel()
         inflight = self.fencer.inflight()
         if inflight:
             self._log.info("waiting for fences in flight", count=len(inflight))
@@ -251,8 +262,8 @@ class Daemon:
             for fence in late:
                 fence.cancel()
         await self.server.close(grace=1.0)
-        if self._metrics_server is not None:
-            await self._metrics_server.close()
+        if self.reloads.metrics_server is not None:
+            await self.reloads.metrics_server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -325,97 +336,7 @@ class Daemon:
         return self.metrics.render().decode()
 
     async def reload(self) -> dict[str, Any]:
-        return await asyncio.shield(self._start_reload("request"))
-
-    # -- reload --------------------------------------------------------------------------------
-
-    def _start_reload(self, origin: str) -> asyncio.Task[dict[str, Any]]:
-        task = asyncio.create_task(self._reload(origin), name=f"reload-{origin}")
-        self._reloads.add(task)
-
-        def done(t: asyncio.Task[dict[str, Any]]) -> None:
-            self._reloads.discard(t)
-            if not t.cancelled():
-                t.exception()  # retrieved: _reload logged it; a SIGHUP has nobody to tell
-
-        task.add_done_callback(done)
-        return task
-
-    async def _reload(self, origin: str) -> dict[str, Any]:
-        async with self._reload_lock:
-            self._notifier.reloading()
-            self._log.info("reloading", origin=origin, config=str(self.config_path))
-            started = time.perf_counter()
-            try:
-                applied = await self._apply_reload()
-            except ConfigError as exc:
-                self.metrics.reloads.labels("failed").inc()
-                self._log.error(
-                    "reload failed: configuration NOT changed",
-                    origin=origin,
-                    problems=list(exc.problems),
-                )
-                raise
-            except Exception as exc:
-                self.metrics.reloads.labels("failed").inc()
-                self._log.exception("reload failed", origin=origin)
-                raise ConfigError(str(self.config_path), [f"internal error: {exc!r}"]) from None
-            finally:
-                if not self.stop.is_set():
-                    self._notifier.ready(self._status_line())
-            self.metrics.reloads.labels("ok").inc()
-            summary = applied.summary()
-            summary["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            self._log.info("reloaded", origin=origin, **summary)
-            return summary
-
-    async def _apply_reload(self) -> ReloadPlan:
-        source = str(self.config_path)
-        new, keys = await asyncio.to_thread(prepare, self.config_path)
-        applied = plan(self.config, self.keys, new, keys, source)
-        old_metrics = self._metrics_server
-        new_metrics = old_metrics
-        try:
-            if "metrics.listen" in applied.settings:
-                endpoint = new.metrics.endpoint()
-                new_metrics = None if endpoint is None else MetricsServer(self.metrics, *endpoint)
-                if new_metrics is not None:
-                    await new_metrics.start()
-            before, after = self.config.daemon, new.daemon
-            if (before.socket_mode, before.socket_group) != (after.socket_mode, after.socket_group):
-                self.server.set_access(after.socket_mode, after.socket_group)
-            # Old and new hosts both hold lanes until the old are retired: fewer clients then.
-            swap = len(self.hosts) + len(applied.added) + len(applied.replaced)
-            self.server.set_reserved_fds(reserved_fds(swap))
-            retired = await self.hostset.reload(applied, self._drained)
-        except StartupError as exc:
-            self.server.set_reserved_fds(reserved_fds(len(self.hosts)))
-            if new_metrics is not old_metrics and new_metrics is not None:
-                await new_metrics.close()
-            raise ConfigError(source, [str(exc)]) from None
-        except BaseException:
-            self.server.set_reserved_fds(reserved_fds(len(self.hosts)))
-            if new_metrics is not old_metrics and new_metrics is not None:
-                await new_metrics.close()
-            raise
-        # Same step as the host swap (no await since): the rest of the config follows at once.
-        self.fencer.aliases = dict(new.aliases)
-        self.fencer.fence_timeout = new.daemon.fence_timeout
-        self.fencer.on_timeout = new.daemon.on_timeout
-        self.journal.set_limits(new.daemon.journal_max_bytes, new.daemon.journal_keep)
-        self.server.idle_timeout = new.daemon.client_idle_timeout
-        self.config, self.keys = new, keys
-        self._metrics_server = new_metrics
-        for name in applied.removed:
-            self.metrics.forget(name)
-        for kind in ("added", "replaced", "removed"):
-            for name in getattr(applied, kind):
-                self._log.info(f"host {kind}", host=name)
-        await asyncio.gather(*(self.hostset.retire(h) for h in retired), return_exceptions=True)
-        self.server.set_reserved_fds(reserved_fds(len(self.hosts)))
-        if old_metrics is not None and old_metrics is not new_metrics:
-            await old_metrics.close()
-        return applied
+        return await asyncio.shield(self.reloads.start("request"))
 
 
 async def _serve(

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from vmfenced.notify import Notifier
+from vmfenced.daemon.notify import Notifier
 
 # A check returns None when healthy, else what is wrong.
 Check = Callable[[], Awaitable[str | None]]

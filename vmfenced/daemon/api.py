@@ -8,10 +8,11 @@ import time
 from typing import Any, Protocol
 
 from vmfenced import __version__
+from vmfenced.daemon.fence import Fencer, FenceResult
+from vmfenced.daemon.host import Host
+from vmfenced.daemon.journal import FenceEntry
+from vmfenced.daemon.server import Peer
 from vmfenced.errors import ConfigError, FenceFailed, UnknownVM
-from vmfenced.fence import Fencer, FenceResult
-from vmfenced.host import Host
-from vmfenced.journal import FenceEntry
 from vmfenced.model import LinkState, VMMap, alias_of
 from vmfenced.protocol import (
     FenceRequest,
@@ -24,7 +25,6 @@ from vmfenced.protocol import (
     StatusRequest,
     VMStatusRequest,
 )
-from vmfenced.server import Peer
 
 # The state of a VM whose host does not answer: no fence of it can be confirmed.
 UNCONFIRMABLE = "unconfirmable"

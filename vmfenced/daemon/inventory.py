@@ -13,8 +13,8 @@ import time
 
 import structlog
 
+from vmfenced.daemon.host import Host, Spawn
 from vmfenced.errors import LinkError
-from vmfenced.host import Host, Spawn
 from vmfenced.model import HostInventory, LinkState, VMMap
 
 # esxcli and vim-cmd go through hostd: seconds on a busy host, never on the fence path.

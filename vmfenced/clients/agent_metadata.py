@@ -6,8 +6,8 @@ the agent declares and what it accepts cannot drift apart. Standard library only
 
 from __future__ import annotations
 
-from vmfenced.client import DEFAULT_SOCKET
-from vmfenced.client_records import Record
+from vmfenced.clients.client import DEFAULT_SOCKET
+from vmfenced.clients.records import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it

@@ -21,10 +21,11 @@ from typing import Any
 
 import structlog
 
-from vmfenced.clientlimits import MAX_CLIENTS, ClientLimits, nofile_for, reserved_fds
+from vmfenced.daemon.clientlimits import MAX_CLIENTS, ClientLimits, nofile_for, reserved_fds
+from vmfenced.daemon.peercred import Peer, peer_of
 from vmfenced.errors import StartupError
-from vmfenced.peercred import Peer, peer_of
-from vmfenced.protocol import MAX_REQUEST, ProtocolError, Request, decode, reply_error, reply_ok
+from vmfenced.protocol import ProtocolError, Request, decode, reply_error, reply_ok
+from vmfenced.wire import MAX_REQUEST_BYTES
 
 Handler = Callable[[Request, Peer], Awaitable[dict[str, Any]]]
 # A client that does not read its replies must not pin a connection forever.
@@ -287,7 +288,7 @@ class SocketServer:
     async def _serve(self, conn: socket.socket, peer: Peer) -> None:
         writer: asyncio.StreamWriter | None = None
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_REQUEST)
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_REQUEST_BYTES)
             await self._conversation(reader, writer, peer)
         except (ConnectionError, TimeoutError):
             pass
@@ -322,7 +323,7 @@ class SocketServer:
             except asyncio.LimitOverrunError:
                 await self._send(
                     writer,
-                    reply_error(None, "too_large", f"request over {MAX_REQUEST} bytes"),
+                    reply_error(None, "too_large", f"request over {MAX_REQUEST_BYTES} bytes"),
                 )
                 return
             if not line.strip():

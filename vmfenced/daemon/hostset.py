@@ -16,11 +16,11 @@ import asyncssh
 
 from vmfenced.backends import Backend
 from vmfenced.config import Config
-from vmfenced.host import Host, HostListener
-from vmfenced.inventory import InventoryService
-from vmfenced.link import KnownHosts
+from vmfenced.daemon.host import Host, HostListener
+from vmfenced.daemon.inventory import InventoryService
+from vmfenced.daemon.link import KnownHosts
+from vmfenced.daemon.reload_plan import ReloadPlan
 from vmfenced.model import VMMap
-from vmfenced.reload import ReloadPlan
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
