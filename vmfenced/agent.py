@@ -1,6 +1,6 @@
-"""Old home of the fence agent, kept for wrappers written before 0.2.
+"""Old home of the fence agent, kept for the wrappers already installed on cluster nodes.
 
-`/usr/sbin/fence_vmfenced` files written by an earlier `agent_install` run
+`/usr/sbin/fence_vmfenced` files written before the clients moved to `vmfenced.clients` run
 `from vmfenced.agent import main`; they keep working until they are written anew.
 The agent lives in `vmfenced.clients.agent`.
 """
