@@ -8,7 +8,6 @@ Exit codes follow fence-agents' fencing.py: 0 success, 1 failure; `status` 2 mea
 from __future__ import annotations
 
 import io
-import os
 import sys
 import time
 
@@ -25,6 +24,7 @@ from vmfenced.clients.agent_options import (
     parse_stdin,
 )
 from vmfenced.clients.client import Client, ClientError, DaemonError, FenceResult, ProtocolViolation
+from vmfenced.clients.process import exit_with
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it
@@ -261,14 +261,7 @@ def run(
 def main() -> None:
     # fd 0 may be closed when started by hand from odd places: read nothing then.
     stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
-    try:
-        code = run(sys.argv[1:], stdin, sys.stdout, sys.stderr)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `fence_vmfenced -o metadata | head`: stop quietly, without a traceback at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_FAILED
-    sys.exit(code)
+    exit_with(lambda: run(sys.argv[1:], stdin, sys.stdout, sys.stderr))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,6 @@ from vmfenced.clients.replies import (
 )
 from vmfenced.wire import DEFAULT_SOCKET, FENCE_ACTIONS, MAX_REQUEST_BYTES, MAX_VM_NAME
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # only mypy needs it: the clients import only what they run
-    from types import TracebackType
-
 # The errors and result types are part of this module's interface for the agent and ctl.
 __all__ = [
     "DEFAULT_SOCKET",
@@ -113,12 +109,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:

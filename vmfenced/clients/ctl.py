@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -41,6 +40,7 @@ from vmfenced.clients.client import (
     parse_vm_status,
     vm_name_problem,
 )
+from vmfenced.clients.process import exit_with
 from vmfenced.clients.records import JournalInfo
 from vmfenced.wire import MAX_HISTORY
 
@@ -410,14 +410,7 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO, *, clock: Clock = t
 
 
 def main() -> None:
-    try:
-        code = run(sys.argv[1:], sys.stdout, sys.stderr)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `vmfencectl status | head`: stop quietly, without a traceback at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_FAILED
-    sys.exit(code)
+    exit_with(lambda: run(sys.argv[1:], sys.stdout, sys.stderr))
 
 
 if __name__ == "__main__":
