@@ -1,5 +1,5 @@
 """libvirt backend: parsers on real virsh output (and names libvirt accepts), config, session
-setup. Its shell scripts, run for real, are tested in test_libvirt_scripts.py."""
+setup. Its shell scripts, run for real, are tested in tests/integration/test_libvirt_scripts.py."""
 
 from __future__ import annotations
 

@@ -23,6 +23,12 @@ from vmfenced.errors import ParseError
 from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
 from vmflab.libvirt import UNJUDGEABLE_KINDS, unjudgeable_argv
 
+pytestmark = pytest.mark.integration
+
+# A runner of a script under dash (the fixture run) and the processes a test started.
+Run = Callable[..., subprocess.CompletedProcess[str]]
+Procs = list[subprocess.Popen[bytes]]
+
 AWKS = [a for a in ("gawk", "mawk") if shutil.which(a)]
 needs_shell = pytest.mark.skipif(
     not (shutil.which("dash") and AWKS and Path("/proc/self/stat").exists()),
@@ -31,8 +37,8 @@ needs_shell = pytest.mark.skipif(
 
 
 @pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
+def procs() -> Iterator[Procs]:
+    started: Procs = []
     yield started
     for proc in started:
         if proc.poll() is None:
@@ -41,9 +47,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 @pytest.fixture(params=AWKS)
-def run(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Callable[..., subprocess.CompletedProcess[str]]:
+def run(request: pytest.FixtureRequest, tmp_path: Path) -> Run:
     """Runs a script under dash with PATH's awk being gawk or mawk, like the lane's shell."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -65,7 +69,7 @@ def run(
     return runner
 
 
-def start(procs: list[subprocess.Popen[bytes]], argv: list[str]) -> int:
+def start(procs: Procs, argv: list[str]) -> int:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     procs.append(proc)
     return proc.pid
@@ -82,6 +86,21 @@ def wait_cmdline(pid: int, timeout: float = 10) -> None:
     raise AssertionError(f"{pid} never exec'd")
 
 
+def launched(procs: Procs, argv: list[str]) -> int:
+    """A started process's PID, once it has exec'd argv."""
+    pid = start(procs, argv)
+    wait_cmdline(pid)
+    return pid
+
+
+def fake_virsh(tmp_path: Path, script: str) -> str:
+    """Puts a virsh that runs script first on PATH: the prefix of a command that uses it."""
+    virsh = tmp_path / "virsh"
+    virsh.write_text(script)
+    virsh.chmod(0o755)
+    return f"PATH={tmp_path}:$PATH; "
+
+
 def kernel_thread() -> int | None:
     """A kernel thread's PID (PF_KTHREAD in /proc/PID/stat's flags), if this /proc shows one."""
     for entry in Path("/proc").iterdir():
@@ -96,26 +115,20 @@ def kernel_thread() -> int | None:
 
 
 @needs_shell
-def test_pidfile_listing_matches_names_exactly(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    tmp_path: Path,
-) -> None:
+def test_pidfile_listing_matches_names_exactly(run: Run, procs: Procs, tmp_path: Path) -> None:
     run_dir = tmp_path / "qemu"
     run_dir.mkdir()
     pids = {}
     files = {"vm1": "vm1", "vm10": "vm10", "vm1,x": "vm1,x", **ODD_NAMES}
     for name, file in files.items():
-        pids[name] = start(procs, qemu_argv(guest(name)))
-        wait_cmdline(pids[name])
+        pids[name] = launched(procs, qemu_argv(guest(name)))
         (run_dir / f"{file}.pid").write_text(str(pids[name]))  # no newline, like libvirt
     (run_dir / "driver.pid").write_text(str(os.getpid()))  # libvirtd's own: not a VM
     (run_dir / "vm1.xml").write_text("<domstatus/>")
     dead = start(procs, ["true"])
     procs[-1].wait()
     (run_dir / "stale.pid").write_text(str(dead))  # its qemu is gone
-    sleeper = start(procs, ["sleep", "600"])
-    wait_cmdline(sleeper)
+    sleeper = launched(procs, ["sleep", "600"])
     (run_dir / "reused.pid").write_text(str(sleeper))  # another program reused the PID
     kthread = kernel_thread()
     if kthread is not None:
@@ -140,18 +153,11 @@ def test_pidfile_listing_matches_names_exactly(
     ],
 )
 def test_pidfile_listing_doubts_a_pid_file_naming_another_qemu(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    *,
-    tmp_path: Path,
-    file: str,
-    argv_name: str,
-    reason: str,
+    run: Run, procs: Procs, *, tmp_path: Path, file: str, argv_name: str, reason: str
 ) -> None:
     run_dir = tmp_path / "qemu"
     run_dir.mkdir()
-    pid = start(procs, qemu_argv(argv_name))
-    wait_cmdline(pid)
+    pid = launched(procs, qemu_argv(argv_name))
     (run_dir / f"{file}.pid").write_text(str(pid))
     result = run(lv.pidfile_listing(str(run_dir)))
     assert result.returncode == 3 and reason in result.stdout, result
@@ -159,7 +165,7 @@ def test_pidfile_listing_doubts_a_pid_file_naming_another_qemu(
         lv.parse_vm_lines(result.stdout)
 
 
-def unjudgeable(procs: list[subprocess.Popen[bytes]], kind: str, comm: str) -> int:
+def unjudgeable(procs: Procs, kind: str, comm: str) -> int:
     """A local process the guards cannot judge (vmflab.libvirt.UNJUDGEABLE), once it is so."""
     pid = start(procs, unjudgeable_argv(kind, comm))
     stat = Path(f"/proc/{pid}/stat")
@@ -177,7 +183,7 @@ def unjudgeable(procs: list[subprocess.Popen[bytes]], kind: str, comm: str) -> i
     raise AssertionError(f"{pid} never became {kind}")
 
 
-def scan(run: Callable[..., subprocess.CompletedProcess[str]], script: str, pid: int) -> str:
+def scan(run: Run, script: str, pid: int) -> str:
     """A whole-/proc scan's answer, until no other process's doubt hides ours: this machine runs
     other tests' labs, whose qemu and vmware-vmx processes also read empty while they exit."""
     deadline = time.monotonic() + 10
@@ -194,11 +200,7 @@ def scan(run: Callable[..., subprocess.CompletedProcess[str]], script: str, pid:
 @pytest.mark.parametrize("kind", UNJUDGEABLE_KINDS)
 @pytest.mark.parametrize("comm", ["qemu-system-x86", "unrelated"])
 def test_pidfile_listing_doubts_a_process_it_cannot_judge(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    tmp_path: Path,
-    kind: str,
-    comm: str,
+    run: Run, procs: Procs, tmp_path: Path, kind: str, comm: str
 ) -> None:
     """The pid file names the process: whatever its comm, it is never "not running"."""
     run_dir = tmp_path / "qemu"
@@ -215,9 +217,7 @@ def test_pidfile_listing_doubts_a_process_it_cannot_judge(
 
 
 @needs_shell
-def test_pidfile_listing_doubts(
-    run: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
-) -> None:
+def test_pidfile_listing_doubts(run: Run, tmp_path: Path) -> None:
     run_dir = tmp_path / "qemu"
     assert run(lv.pidfile_listing(str(run_dir))).returncode == 3  # no run dir: never "none"
     run_dir.mkdir()
@@ -231,43 +231,29 @@ def test_pidfile_listing_doubts(
 
 
 @needs_shell
-def test_virsh_listing_matches_processes(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    tmp_path: Path,
-) -> None:
-    pids = {name: start(procs, qemu_argv(guest(name))) for name in ("vm1", "vm1,x", "my vm 2")}
-    for pid in pids.values():
-        wait_cmdline(pid)
-    virsh = tmp_path / "virsh"
+def test_virsh_listing_matches_processes(run: Run, procs: Procs, tmp_path: Path) -> None:
+    pids = {name: launched(procs, qemu_argv(guest(name))) for name in ("vm1", "vm1,x", "my vm 2")}
     # No vm10 process on purpose: virsh must not be fooled into it by the prefix.
-    virsh.write_text("#!/bin/sh\nprintf 'vm1\\nvm1,x\\nmy vm 2\\n\\n'\n")
-    virsh.chmod(0o755)
-    script = f"PATH={tmp_path}:$PATH; " + lv.virsh_listing()
+    path = fake_virsh(tmp_path, "#!/bin/sh\nprintf 'vm1\\nvm1,x\\nmy vm 2\\n\\n'\n")
+    script = path + lv.virsh_listing()
     result = run(script)
     assert result.returncode == 0, result
     assert {vm.name: vm.cartel for vm in lv.parse_vm_lines(result.stdout)} == pids
-    virsh.write_text("#!/bin/sh\nprintf 'vm1\\nvm10\\n\\n'\n")  # vm10 "running", no process
+    fake_virsh(tmp_path, "#!/bin/sh\nprintf 'vm1\\nvm10\\n\\n'\n")  # vm10 "running", no process
     assert run(script).returncode == 3
-    virsh.write_text("#!/bin/sh\necho 'error: failed to connect' >&2; exit 1\n")
+    fake_virsh(tmp_path, "#!/bin/sh\necho 'error: failed to connect' >&2; exit 1\n")
     result = run(script)
     assert result.returncode == 3 and "failed to connect" in result.stdout
 
 
 @needs_shell
 def test_virsh_listing_reads_odd_names_as_virsh_prints_them(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    tmp_path: Path,
+    run: Run, procs: Procs, tmp_path: Path
 ) -> None:
-    pids = {name: start(procs, qemu_argv(guest(name))) for name in ODD_NAMES}
-    for pid in pids.values():
-        wait_cmdline(pid)
+    pids = {name: launched(procs, qemu_argv(guest(name))) for name in ODD_NAMES}
     (tmp_path / "names").write_text("".join(f"{name}\n" for name in pids) + "\n")
-    virsh = tmp_path / "virsh"
-    virsh.write_text(f"#!/bin/sh\ncat {tmp_path}/names\n")
-    virsh.chmod(0o755)
-    result = run(f"PATH={tmp_path}:$PATH; " + lv.virsh_listing())
+    path = fake_virsh(tmp_path, f"#!/bin/sh\ncat {tmp_path}/names\n")
+    result = run(path + lv.virsh_listing())
     assert result.returncode == 0, result
     assert {vm.name: vm.cartel for vm in lv.parse_vm_lines(result.stdout)} == pids
 
@@ -278,20 +264,12 @@ def test_virsh_listing_reads_odd_names_as_virsh_prints_them(
     ("comm", "doubt"), [("qemu-system-x86", True), ("qemu-kvm", True), ("kvm", True), ("sh", False)]
 )
 def test_virsh_listing_doubts_a_qemu_it_cannot_judge(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    *,
-    tmp_path: Path,
-    kind: str,
-    comm: str,
-    doubt: bool,
+    run: Run, procs: Procs, *, tmp_path: Path, kind: str, comm: str, doubt: bool
 ) -> None:
     """Whatever virsh says runs: a live qemu whose command line reads empty could be any VM."""
     pid = unjudgeable(procs, kind, comm)
-    virsh = tmp_path / "virsh"
-    virsh.write_text("#!/bin/sh\necho\n")  # libvirtd: nothing runs
-    virsh.chmod(0o755)
-    answer = scan(run, f"PATH={tmp_path}:$PATH; " + lv.virsh_listing(), pid)
+    path = fake_virsh(tmp_path, "#!/bin/sh\necho\n")  # libvirtd: nothing runs
+    answer = scan(run, path + lv.virsh_listing(), pid)
     if doubt:
         assert answer.startswith("3 ") and f"cannot judge {pid} ({comm}" in answer, answer
     else:
@@ -303,11 +281,7 @@ def test_virsh_listing_doubts_a_qemu_it_cannot_judge(
 @pytest.mark.parametrize("kind", UNJUDGEABLE_KINDS)
 @pytest.mark.parametrize(("comm", "doubt"), [("vmware-vmx", True), ("sh", False)])
 def test_esx_classic_scan_doubts_a_vmx_it_cannot_judge(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    kind: str,
-    comm: str,
-    doubt: bool,
+    run: Run, procs: Procs, kind: str, comm: str, doubt: bool
 ) -> None:
     """esx-classic's /proc scan shares the rule (and procfs's helpers) with libvirt's."""
     pid = unjudgeable(procs, kind, comm)
@@ -321,7 +295,7 @@ def test_esx_classic_scan_doubts_a_vmx_it_cannot_judge(
 
 
 def kill(
-    run: Callable[..., subprocess.CompletedProcess[str]],
+    run: Run,
     name: str,
     pid: int,
     prefix: list[str] | None = None,
@@ -351,15 +325,9 @@ def alive(pid: int) -> bool:
     ],
 )
 def test_guard_never_kills_another_domain(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    target: str,
-    running: str,
-    argv_name: str,
+    run: Run, procs: Procs, target: str, running: str, argv_name: str
 ) -> None:
-    argv = qemu_argv(argv_name) if running else ["sleep", "600"]
-    pid = start(procs, argv)
-    wait_cmdline(pid)
+    pid = launched(procs, qemu_argv(argv_name) if running else ["sleep", "600"])
     assert kill(run, target, pid) is KillOutcome.NOT_THAT_VM
     assert alive(pid)
 
@@ -377,13 +345,9 @@ def test_guard_never_kills_another_domain(
     ],
 )
 def test_guard_kills_its_domain_and_confirms(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    procs: list[subprocess.Popen[bytes]],
-    name: str,
-    argv_name: str,
+    run: Run, procs: Procs, name: str, argv_name: str
 ) -> None:
-    pid = start(procs, qemu_argv(argv_name))
-    wait_cmdline(pid)
+    pid = launched(procs, qemu_argv(argv_name))
     # Not reaped by us until after: the script must count the zombie as dead.
     assert kill(run, name, pid) is KillOutcome.KILLED
     assert not alive(pid)
@@ -392,13 +356,10 @@ def test_guard_kills_its_domain_and_confirms(
 
 
 @needs_shell
-def test_guard_refused_kill_is_an_error_not_a_verdict(
-    run: Callable[..., subprocess.CompletedProcess[str]], procs: list[subprocess.Popen[bytes]]
-) -> None:
+def test_guard_refused_kill_is_an_error_not_a_verdict(run: Run, procs: Procs) -> None:
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to run the script as another user")
-    pid = start(procs, qemu_argv(guest("vm1")))
-    wait_cmdline(pid)
+    pid = launched(procs, qemu_argv(guest("vm1")))
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     result = run(lv.kill_command(RunningVM("vm1", "", pid), 5), prefix=nobody)
     assert "vmf:error" in result.stdout and "refused" in result.stdout
@@ -410,12 +371,12 @@ def test_guard_refused_kill_is_an_error_not_a_verdict(
 @needs_shell
 @pytest.mark.parametrize("name", ["vm1", "a&b'c\"d<e>f $x `y`"])
 def test_power_on_waits_until_libvirtd_saw_the_old_qemu_die(
-    run: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, name: str
+    run: Run, tmp_path: Path, name: str
 ) -> None:
     # domstate answers "running" twice (libvirtd lags a kill -9), then "shut off (crashed)".
-    virsh = tmp_path / "virsh"
     (tmp_path / "name").write_text(name)
-    virsh.write_text(
+    path = fake_virsh(
+        tmp_path,
         f"""#!/bin/sh
 echo "$*" >> {tmp_path}/calls
 n=$(wc -l < {tmp_path}/calls)
@@ -424,11 +385,9 @@ case $1 in
   domname) cat {tmp_path}/name; printf '\\n\\n';;
   start) echo "Domain '$3' started";;
 esac
-"""
+""",
     )
-    virsh.chmod(0o755)
-    command = lv.power_on_command(RegisteredVM(UUID1, name, ""))
-    result = run(f"PATH={tmp_path}:$PATH; {command}")
+    result = run(path + lv.power_on_command(RegisteredVM(UUID1, name, "")))
     assert result.returncode == 0, result
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == [f"domstate --domain {UUID1}"] * 3 + [
@@ -443,14 +402,11 @@ esac
     [("vm2", 0), ("vm1 ", 0), ("vm10", 0), ("VM1", 0), ("error: failed to get domain", 1)],
 )
 def test_power_on_refuses_a_uuid_that_names_another_domain(
-    run: Callable[..., subprocess.CompletedProcess[str]],
-    tmp_path: Path,
-    answer: str,
-    status: int,
+    run: Run, tmp_path: Path, answer: str, status: int
 ) -> None:
     """The domain was undefined and its UUID reused since the inventory: never started."""
-    virsh = tmp_path / "virsh"
-    virsh.write_text(
+    path = fake_virsh(
+        tmp_path,
         f"""#!/bin/sh
 echo "$*" >> {tmp_path}/calls
 case $1 in
@@ -458,10 +414,9 @@ case $1 in
   domname) echo {shlex.quote(answer)}; exit {status};;
   start) echo started;;
 esac
-"""
+""",
     )
-    virsh.chmod(0o755)
-    result = run(f"PATH={tmp_path}:$PATH; " + lv.power_on_command(RegisteredVM(UUID1, "vm1", "")))
+    result = run(path + lv.power_on_command(RegisteredVM(UUID1, "vm1", "")))
     assert result.returncode == 1 and result.stdout.startswith("vmf:refused"), result
     assert answer in result.stdout
     assert "start" not in (tmp_path / "calls").read_text()
@@ -469,12 +424,10 @@ esac
 
 @needs_shell
 def test_power_on_by_name_from_an_older_virsh_has_nothing_to_recheck(
-    run: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+    run: Run, tmp_path: Path
 ) -> None:
-    virsh = tmp_path / "virsh"
-    virsh.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/calls\necho 'shut off'\n")
-    virsh.chmod(0o755)
-    result = run(f"PATH={tmp_path}:$PATH; " + lv.power_on_command(RegisteredVM("vm1", "vm1", "")))
+    path = fake_virsh(tmp_path, f"#!/bin/sh\necho \"$*\" >> {tmp_path}/calls\necho 'shut off'\n")
+    result = run(path + lv.power_on_command(RegisteredVM("vm1", "vm1", "")))
     assert result.returncode == 0, result
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == ["domstate --domain vm1", "start --domain vm1"]
