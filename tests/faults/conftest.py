@@ -7,17 +7,37 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from tests.integration.conftest import kvm_lab, lab, lab_unavailable
+from tests.integration.conftest import fence, fence_failure, kvm_lab, lab, lab_unavailable
+from tests.waiting import wait_until
+from vmflab import Lab, LibvirtHost
+from vmflab import LabHost as EsxHost
 from vmflab.chaos_report import kept_section
+from vmflab.daemon import LabDaemon
+from vmflab.procs import stopped
 
-__all__ = ["Ledger", "kvm_lab", "lab", "lab_unavailable", "ledger", "report_row"]
+__all__ = [
+    "FAST_KEEPALIVE",
+    "Ledger",
+    "check_hung_host",
+    "fence_when_up",
+    "fence_where_it_moved",
+    "kvm_lab",
+    "lab",
+    "lab_unavailable",
+    "ledger",
+    "report_row",
+]
+
+T = TypeVar("T")
+# Dead links are seen within keepalive_interval x (keepalive_count_max + 1) = 1.5 s.
+FAST_KEEPALIVE = {"keepalive_interval": 0.5, "keepalive_count_max": 2}
 
 
 class LabHost(Protocol):
@@ -73,6 +93,13 @@ class Ledger:
         self.targets.add((host, name))
         self.successes.add((host, name))
 
+    def timed(self, call: Callable[[], T]) -> T:
+        """What `call` returns; the time it took is the scenario's time to outcome."""
+        start = time.monotonic()
+        answer = call()
+        self.seconds = time.monotonic() - start
+        return answer
+
     def track(self, host: LabHost, name: str, pid: int) -> None:
         """A process that is not a VM (checked by PID alone)."""
         self.others[(host.name, name)] = (host, pid)
@@ -105,6 +132,48 @@ class Ledger:
         assert false_successes == 0, "a fence reported success while its target still runs"
         assert collateral == 0, "a VM that was not targeted died"
         return false_successes, collateral
+
+
+def fence_when_up(daemon: LabDaemon, ledger: Ledger, down: str, host: str, vm: str) -> None:
+    """Once host `down` is up again, a fence of `vm` (on `host`) succeeds."""
+    wait_until(lambda: daemon.host_state(down) == "up")
+    reply = fence(daemon, vm)
+    assert reply["ok"], reply
+    ledger.succeeded(host, vm)
+
+
+def fence_where_it_moved(
+    daemon: LabDaemon, ledger: Ledger, host: EsxHost | LibvirtHost, vm: str
+) -> None:
+    """`vm` started on `host` after the daemon's inventory, which saw it elsewhere: the fence
+    finds it there and kills it."""
+    ledger.start(host, vm)
+    reply = ledger.timed(lambda: fence(daemon, vm))
+    assert reply["ok"] and reply["result"]["host"] == host.name, reply
+    ledger.succeeded(host.name, vm)
+
+
+def check_hung_host(
+    lab: Lab,
+    ledger: Ledger,
+    hung: tuple[EsxHost | LibvirtHost, str],
+    well: tuple[EsxHost | LibvirtHost, str],
+    **settings: Any,
+) -> None:
+    """Every process of the `hung` host SIGSTOPped, then thawed: the daemon sees it down, a fence
+    of its VM fails meanwhile; after the thaw, it is up again and a fence of `well`'s VM, on
+    another host, succeeds. `settings` go to the daemon's config."""
+    (host, vm), (other, other_vm) = hung, well
+    ledger.start(other, other_vm)
+    ledger.start(host, vm)
+    with LabDaemon(lab, ssh=FAST_KEEPALIVE, daemon={"fence_timeout": 2}, **settings) as daemon:
+        with stopped(host):
+            ledger.seconds = wait_until(lambda: daemon.host_state(host.name) == "down")
+            ledger.target(host.name, vm)
+            fence_failure(daemon, vm)
+        fence_when_up(daemon, ledger, host.name, other.name, other_vm)
+    ledger.outcome = "down detected; fence on it failed; link back after thaw"
+    ledger.check()
 
 
 def report_row(**row: Any) -> None:

@@ -9,11 +9,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.faults.conftest import Ledger
+from tests.faults.conftest import (
+    FAST_KEEPALIVE,
+    Ledger,
+    check_hung_host,
+    fence_when_up,
+    fence_where_it_moved,
+)
+from tests.integration.conftest import fence, fence_failure
 from tests.waiting import wait_until
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
@@ -22,11 +28,6 @@ from vmflab.procs import outer_pid, stopped
 pytestmark = pytest.mark.faults
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
-FAST_KEEPALIVE = {"keepalive_interval": 0.5, "keepalive_count_max": 2}
-
-
-def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
-    return daemon.request({"op": "fence", "vm": vm, "action": action})
 
 
 @contextlib.contextmanager
@@ -50,23 +51,9 @@ def frozen(pid: int) -> Iterator[None]:
 
 def test_hung_host(lab: Lab, ledger: Ledger) -> None:
     """every process of esx2 SIGSTOPped, then thawed"""
-    esx1, esx2 = lab.hosts["esx1"], lab.hosts["esx2"]
-    ledger.start(esx1, "gfs-node1")
-    ledger.start(esx2, "gfs-node2")
-    with LabDaemon(lab, ssh=FAST_KEEPALIVE, daemon={"fence_timeout": 2}) as daemon:
-        with stopped(esx2):
-            ledger.seconds = wait_until(lambda: daemon.host_state("esx2") == "down")
-            ledger.target("esx2", "gfs-node2")
-            reply = fence(daemon, "gfs-node2")
-            assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-        # Bound: keepalive_interval x (keepalive_count_max + 1) = 1.5 s, plus scheduling slack.
-        assert ledger.seconds < 1.5 * 3
-        wait_until(lambda: daemon.host_state("esx2") == "up")
-        reply = fence(daemon, "gfs-node1")
-        assert reply["ok"], reply
-        ledger.succeeded("esx1", "gfs-node1")
-    ledger.outcome = "down detected; fence on it failed; link back after thaw"
-    ledger.check()
+    check_hung_host(lab, ledger, (lab.hosts["esx2"], "gfs-node2"), (lab.hosts["esx1"], "gfs-node1"))
+    # Bound: keepalive_interval x (keepalive_count_max + 1) = 1.5 s, plus scheduling slack.
+    assert ledger.seconds is not None and ledger.seconds < 1.5 * 3
 
 
 def test_dead_host_during_fence(lab: Lab, ledger: Ledger) -> None:
@@ -81,9 +68,7 @@ def test_dead_host_during_fence(lab: Lab, ledger: Ledger) -> None:
             pending = pool.submit(fence, daemon, "gfs-node2")
             wait_until(lambda: '"op": "fence"' in daemon.log())  # the kill is on its way
             esx2.stop_sshd()
-            start = time.monotonic()
-            reply = pending.result(timeout=30)
-            ledger.seconds = time.monotonic() - start
+            reply = ledger.timed(lambda: pending.result(timeout=30))
             assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
         esx2.start_sshd()
     ledger.outcome = f"fence_failed: {reply['error']['message'][:60]}"
@@ -98,9 +83,7 @@ def test_vm_restarted_between_inventory_and_fence(lab: Lab, ledger: Ledger) -> N
     with LabDaemon(lab) as daemon:
         esx1.stop_vm("gfs-node1")
         ledger.start(esx1, "gfs-node1")
-        start = time.monotonic()
-        reply = fence(daemon, "gfs-node1")
-        ledger.seconds = time.monotonic() - start
+        reply = ledger.timed(lambda: fence(daemon, "gfs-node1"))
         assert reply["ok"] and reply["result"]["outcome"] == "killed", reply
         assert reply["result"]["cartel"] == ledger.vms[("esx1", "gfs-node1")][1]
         ledger.succeeded("esx1", "gfs-node1")
@@ -116,11 +99,7 @@ def test_vm_refuses_to_die(lab: Lab, ledger: Ledger) -> None:
     with LabDaemon(lab, daemon={"fence_timeout": 2}) as daemon:
         with frozen(outer_pid(esx1, "gfs-node1")):
             ledger.target("esx1", "gfs-node1")
-            start = time.monotonic()
-            reply = fence(daemon, "gfs-node1")
-            ledger.seconds = time.monotonic() - start
-            assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-            message = reply["error"]["message"]
+            message = ledger.timed(lambda: fence_failure(daemon, "gfs-node1"))
             assert "still running after kill -9" in message or "fence_timeout" in message
         # Thawed, the pending SIGKILL lands: the next fence tells the truth.
         reply = fence(daemon, "gfs-node1")
@@ -190,8 +169,7 @@ def test_host_key_changed(lab: Lab, ledger: Ledger) -> None:
             lambda: "host key not verifiable" in (host_reason(daemon, "esx2") or "")
         )
         ledger.target("esx2", "gfs-node2")
-        reply = fence(daemon, "gfs-node2")
-        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+        fence_failure(daemon, "gfs-node2")
         assert daemon.host_state("esx2") == "down"
     lab.write_known_hosts()  # the lab's own ssh trusts the new key again, for the check
     ledger.outcome = "refused to connect; status says why; fence failed"
@@ -272,15 +250,10 @@ def fails_while(
             pending = pool.submit(fence, daemon, "gfs-node2")
             wait_until(lambda: '"op": "fence"' in daemon.log())
             with fault(esx2):
-                start = time.monotonic()
-                reply = pending.result(timeout=30)
-                ledger.seconds = time.monotonic() - start
+                reply = ledger.timed(lambda: pending.result(timeout=30))
                 assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
                 wait_until(lambda: daemon.host_state("esx2") == "down")
-        wait_until(lambda: daemon.host_state("esx2") == "up")
-        reply = fence(daemon, "gfs-node1")
-        assert reply["ok"], reply
-        ledger.succeeded("esx1", "gfs-node1")
+        fence_when_up(daemon, ledger, "esx2", "esx1", "gfs-node1")
     ledger.outcome = "fence_failed; host down meanwhile, up again after"
     ledger.check()
 
@@ -304,12 +277,7 @@ def test_vm_migrated_between_inventory_and_fence(lab: Lab, ledger: Ledger) -> No
         esx1.stop_vm("gfs-node1")
         esx1.unregister_vm("gfs-node1")
         ledger.target("esx1", "gfs-node1")
-        ledger.start(esx3, "gfs-node1")
-        start = time.monotonic()
-        reply = fence(daemon, "gfs-node1")
-        ledger.seconds = time.monotonic() - start
-        assert reply["ok"] and reply["result"]["host"] == "esx3", reply
-        ledger.succeeded("esx3", "gfs-node1")
+        fence_where_it_moved(daemon, ledger, esx3, "gfs-node1")
     ledger.outcome = "found and killed on esx3"
     ledger.check()
 
@@ -329,9 +297,7 @@ def test_cartel_reused(lab: Lab, ledger: Ledger, intruder: str) -> None:
             pid = int(esx1.ssh("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").stdout)
             assert pid == old
             ledger.track(esx1, "sleep", pid)
-        start = time.monotonic()
-        reply = fence(daemon, "gfs-node1")
-        ledger.seconds = time.monotonic() - start
+        reply = ledger.timed(lambda: fence(daemon, "gfs-node1"))
         assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
         assert '"outcome": "not-that-vm"' in daemon.log()
         ledger.succeeded("esx1", "gfs-node1")

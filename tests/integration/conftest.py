@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
+from tests.waiting import wait_for
 from vmflab import Lab
+from vmflab.daemon import LabDaemon
+from vmflab.host import LabHost
 
 
 def lab_unavailable() -> str | None:
@@ -74,3 +81,96 @@ def classic_lab(tmp_path: Path) -> Iterator[Lab]:
     skip_without_lab()
     with Lab(tmp_path / "lab", host_names=(), classic_hosts=("esx3a",)) as started:
         yield started
+
+
+def sshd_sessions(host: LabHost) -> set[int]:
+    """PIDs of the host's per-connection sshd processes: one per SSH connection of a lane, so
+    new ones mean new SSH connections."""
+    found = set()
+    for pid in host.namespace_pids():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd: vmflab"):
+                found.add(pid)
+    return found
+
+
+def run_client(
+    module: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A client (vmfenced.clients.agent, .ctl) in a new process, as Pacemaker or an admin
+    starts it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"vmfenced.clients.{module}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
+    """The daemon's whole reply to one fence request."""
+    return daemon.request({"op": "fence", "vm": vm, "action": action})
+
+
+def fenced(daemon: LabDaemon, vm: str, outcome: str, action: str = "off") -> dict[str, Any]:
+    """The result of a fence that must succeed with `outcome`."""
+    reply = fence(daemon, vm, action)
+    assert reply["ok"] and reply["result"]["outcome"] == outcome, reply
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
+def fence_failure(daemon: LabDaemon, vm: str) -> str:
+    """The message of a fence that must fail as fence_failed."""
+    reply = fence(daemon, vm)
+    assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+    message: str = reply["error"]["message"]
+    return message
+
+
+class VmHost(Protocol):
+    """What the checks below need of a lab host, ESXi, esx-classic or libvirt alike."""
+
+    name: str
+
+    def vm_pids(self) -> dict[str, int]: ...
+
+    def pid_alive(self, pid: int) -> bool: ...
+
+    def stop_sshd(self) -> None: ...
+
+    def start_sshd(self) -> None: ...
+
+
+def check_dead_host_fails(daemon: LabDaemon, host: VmHost, alias: str, nowhere: str) -> None:
+    """Stops the host's sshd: fencing `alias` (which runs there) fails naming the host, and so
+    does fencing `nowhere` (a VM that runs on no host)."""
+    host.stop_sshd()
+    assert host.name in fence_failure(daemon, alias)
+    # Any VM could be on the dead host: a VM that runs nowhere reachable is not "off".
+    fence_failure(daemon, nowhere)
+
+
+def check_host_back(daemon: LabDaemon, host: VmHost, alias: str, cartel: int) -> None:
+    """Starts the host's sshd again: the daemon's lanes come back up and fencing `alias` kills
+    its VM, which the dead host had kept running."""
+    host.start_sshd()
+    assert host.pid_alive(cartel)
+    assert wait_for(lambda: daemon.host_state(host.name) == "up")
+    fenced(daemon, alias, "killed")
+    assert not host.pid_alive(cartel)
+
+
+def check_on_then_reboot(daemon: LabDaemon, alias: str, host: VmHost, vm: str) -> dict[str, Any]:
+    """Powers `alias` on, then reboots it: each answer names the process the host really runs,
+    and the reboot's is a new one, the old one gone. Returns the power-on's result."""
+    on = fenced(daemon, alias, "powered_on", "on")
+    first = host.vm_pids()[vm]
+    assert on["cartel"] == first
+    reboot = fenced(daemon, alias, "rebooted", "reboot")
+    assert not host.pid_alive(first)
+    second = host.vm_pids()[vm]
+    assert second != first and reboot["cartel"] == second
+    return on

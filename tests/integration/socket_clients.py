@@ -12,7 +12,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -35,6 +35,31 @@ def lab_of_two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         pytest.fail(reason)
     with Lab(tmp_path_factory.mktemp("lab"), ("esx1", "esx2")) as started:
         yield started
+
+
+def fork_child(body: Callable[[], None], tell: Callable[[BaseException], object]) -> int:
+    """Forks a child that runs `body`, then _exits: 0 if it returned, 1 if it raised, after
+    `tell` told the parent why (the parent fails with it). Returns the child's PID."""
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
+        code = 1
+        try:
+            body()
+            code = 0
+        except BaseException as exc:  # reported to the parent, which fails with it
+            tell(exc)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def child_output(pid: int, read_end: int) -> bytes:
+    """All that the child wrote to the pipe, once it exited 0; else fails with it."""
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, data
+    return data
 
 
 def gid_of(name: str) -> int:
@@ -95,19 +120,17 @@ def crowd(
     """`count` connections of `uid` held open by a forked child while the block runs."""
     out_r, out_w = os.pipe()
     hold_r, hold_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
-        code = 1
-        try:
-            os.close(out_r)
-            os.close(hold_w)
-            _crowd_child(str(daemon.socket), count, uid, groups, out=out_w, hold=hold_r)
-            code = 0
-        except BaseException as exc:  # reported to the parent, which fails with it
-            with contextlib.suppress(OSError):
-                os.write(out_w, json.dumps({"child": repr(exc)}).encode())
-        finally:
-            os._exit(code)
+
+    def child() -> None:
+        os.close(out_r)
+        os.close(hold_w)
+        _crowd_child(str(daemon.socket), count, uid, groups, out=out_w, hold=hold_r)
+
+    def tell(exc: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            os.write(out_w, json.dumps({"child": repr(exc)}).encode())
+
+    pid = fork_child(child, tell)
     os.close(out_w)
     os.close(hold_r)
     try:
@@ -173,39 +196,33 @@ def ask_then_change_groups(daemon: LabDaemon, before: list[int], after: list[int
     assert daemon.proc is not None
     ready_r, ready_w = os.pipe()
     out_r, out_w = os.pipe()
+
+    def child() -> None:
+        os.setgroups(before)
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, 0)  # root kept as saved uid, to change groups
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(20)
+            sock.connect(str(daemon.socket))  # the kernel records the credentials now
+            sock.sendall(STATUS)
+            os.seteuid(0)
+            os.setgroups(after)
+            os.seteuid(NOBODY)
+            os.write(ready_w, b"+")
+            os.write(out_w, sock.makefile("rb").readline())
+
+    def tell(exc: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            os.write(ready_w, b"+")
+            os.write(out_w, f"child: {exc!r}".encode())
+
     os.kill(daemon.proc.pid, signal.SIGSTOP)
     try:
-        pid = os.fork()
-        if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
-            code = 1
-            try:
-                os.setgroups(before)
-                os.setresgid(NOBODY, NOBODY, NOBODY)
-                os.setresuid(NOBODY, NOBODY, 0)  # root kept as saved uid, to change groups
-                with socket.socket(socket.AF_UNIX) as sock:
-                    sock.settimeout(20)
-                    sock.connect(str(daemon.socket))  # the kernel records the credentials now
-                    sock.sendall(STATUS)
-                    os.seteuid(0)
-                    os.setgroups(after)
-                    os.seteuid(NOBODY)
-                    os.write(ready_w, b"+")
-                    os.write(out_w, sock.makefile("rb").readline())
-                code = 0
-            except BaseException as exc:  # reported to the parent, which fails with it
-                with contextlib.suppress(OSError):
-                    os.write(ready_w, b"+")
-                    os.write(out_w, f"child: {exc!r}".encode())
-            finally:
-                os._exit(code)
+        pid = fork_child(child, tell)
         os.close(ready_w)
         os.close(out_w)
         with os.fdopen(ready_r, "rb") as ready:
             ready.read(1)
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
-    with os.fdopen(out_r, "rb") as reader:
-        data = reader.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, data
-    return json.loads(data)
+    return json.loads(child_output(pid, out_r))

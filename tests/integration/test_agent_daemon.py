@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from tests.integration.conftest import run_client
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
@@ -34,14 +33,7 @@ def daemon(lab: Lab) -> Iterator[LabDaemon]:
 
 def agent(daemon: LabDaemon | None, lines: str, socket: str | None = None) -> Run:
     path = socket or (str(daemon.socket) if daemon else "/nonexistent/vmfenced.sock")
-    done = subprocess.run(
-        [sys.executable, "-m", "vmfenced.clients.agent"],
-        input=f"{lines}\nsocket={path}\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_client("agent", stdin=f"{lines}\nsocket={path}\n")
     return Run(done.returncode, done.stdout, done.stderr)
 
 
@@ -108,13 +100,7 @@ def test_malformed_input_never_fences(lab: Lab, daemon: LabDaemon) -> None:
 
 
 def ctl(daemon: LabDaemon, *args: str) -> Run:
-    done = subprocess.run(
-        [sys.executable, "-m", "vmfenced.clients.ctl", "--socket", str(daemon.socket), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_client("ctl", "--socket", str(daemon.socket), *args)
     return Run(done.returncode, done.stdout, done.stderr)
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.conftest import lab_unavailable
+from tests.integration.conftest import fenced, lab_unavailable
 from vmfenced.backends import esx_classic as ec
 from vmfenced.config import HostConfig
 from vmfenced.model import RunningVM
@@ -37,10 +36,6 @@ def classic(lab: Lab, name: str) -> EsxClassicHost:
     host = lab.hosts[name]
     assert isinstance(host, EsxClassicHost)
     return host
-
-
-def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
-    return daemon.request({"op": "fence", "vm": vm, "action": action})
 
 
 def test_backend_commands_on_real_vmware_vmx_processes(classic_lab: Lab) -> None:
@@ -75,15 +70,12 @@ def test_off_kills_exactly_the_target(classic_lab: Lab) -> None:
     with LabDaemon(classic_lab, aliases=ALIASES) as daemon:
         kinds = {h["name"]: h["kind"] for h in daemon.status()["hosts"]}
         assert kinds == {"esx3a": "esx-classic", "esx3b": "esx-classic"}
-        reply = fence(daemon, "gfs1")
-        assert reply["ok"], reply
-        result = reply["result"]
-        assert (result["outcome"], result["host"], result["cartel"]) == ("killed", "esx3a", target)
+        result = fenced(daemon, "gfs1", "killed")
+        assert (result["host"], result["cartel"]) == ("esx3a", target)
         assert not a.pid_alive(target)
         assert a.vm_pids() == others
         assert b.vm_pids() == {"node2": elsewhere}
-        again = fence(daemon, "node1")
-        assert again["ok"] and again["result"]["outcome"] == "already_off", again
+        fenced(daemon, "node1", "already_off")
 
 
 def test_reused_pid_is_never_killed(classic_lab: Lab) -> None:
@@ -94,8 +86,7 @@ def test_reused_pid_is_never_killed(classic_lab: Lab) -> None:
         a.set_next_pid(old)
         intruder = a.start_vm("node2")
         assert intruder == old  # the map's PID now runs another VM's vmware-vmx
-        reply = fence(daemon, "gfs1")
-        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
+        fenced(daemon, "gfs1", "already_off")
         assert a.pid_alive(intruder)
         assert a.vm_pids() == {"node2": intruder}
         assert '"outcome": "not-that-vm"' in daemon.log()
@@ -106,10 +97,8 @@ def test_on_uses_vmware_cmd(classic_lab: Lab) -> None:
     b.create_vm("node2")
     # Three vmware-cmd calls (registrations, the re-check, start) of ~3.5 s each.
     with LabDaemon(classic_lab, aliases=ALIASES, daemon={"on_timeout": 30}) as daemon:
-        reply = fence(daemon, "gfs2", "on")
-        assert reply["ok"] and reply["result"]["outcome"] == "powered_on", reply
+        on = fenced(daemon, "gfs2", "powered_on", "on")
         first = b.vm_pids()["node2"]
-        assert reply["result"]["cartel"] == first
-        reply = fence(daemon, "gfs2", "off")
-        assert reply["ok"] and reply["result"]["outcome"] == "killed", reply
+        assert on["cartel"] == first
+        fenced(daemon, "gfs2", "killed", "off")
         assert not b.pid_alive(first) and b.vm_pids() == {}

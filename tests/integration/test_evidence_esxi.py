@@ -9,22 +9,28 @@ test_hostile_names.py; these tests check the daemon's word against the hosts' pr
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
+from tests.integration.conftest import fence, fence_failure
 from vmflab import EsxClassicHost, Lab, LabHost
 from vmflab.daemon import LabDaemon
 
 pytestmark = pytest.mark.integration
 
 
-def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
-    return daemon.request({"op": "fence", "vm": vm, "action": action})
-
-
 def alive(host: LabHost) -> set[int]:
     return {vm.cartel for vm in host.vm_processes()}
+
+
+def check_fails_naming_all_and_kills_nothing(lab: Lab, host: LabHost, paths: list[str]) -> None:
+    """Starts a VM of each of `paths`, all named "victim": fencing it fails, naming every one,
+    and kills none of them."""
+    cartels = {host.start_vm(path) for path in paths}
+    with LabDaemon(lab) as daemon:
+        message = fence_failure(daemon, "victim")
+        for path in paths:
+            assert path in message, message
+        assert alive(host) == cartels
 
 
 def forged_name(sep: str, cfg: str) -> str:
@@ -36,26 +42,13 @@ def test_one_name_twice_on_one_esxi_host_fails_naming_both_and_kills_nothing(
 ) -> None:
     esx1 = esx_lab.hosts["esx1"]
     paths = [esx1.create_vm("victim", datastore=ds) for ds in ("ds1", "ds2")]
-    cartels = {esx1.start_vm(path) for path in paths}
-    with LabDaemon(esx_lab) as daemon:
-        reply = fence(daemon, "victim")
-        assert not reply["ok"], reply
-        assert reply["error"]["code"] == "fence_failed", reply
-        for path in paths:
-            assert path in reply["error"]["message"], reply
-        assert alive(esx1) == cartels
+    check_fails_naming_all_and_kills_nothing(esx_lab, esx1, paths)
 
 
 def test_one_display_name_in_two_folders_fails_and_kills_nothing(esx_lab: Lab) -> None:
     esx1 = esx_lab.hosts["esx1"]
     paths = [esx1.create_vm(folder, display_name="victim") for folder in ("a", "b")]
-    cartels = {esx1.start_vm(path) for path in paths}
-    with LabDaemon(esx_lab) as daemon:
-        reply = fence(daemon, "victim")
-        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-        for path in paths:
-            assert path in reply["error"]["message"], reply
-        assert alive(esx1) == cartels
+    check_fails_naming_all_and_kills_nothing(esx_lab, esx1, paths)
 
 
 def test_same_base_name_twice_on_a_classic_host_fails_and_kills_nothing(
@@ -64,13 +57,7 @@ def test_same_base_name_twice_on_a_classic_host_fails_and_kills_nothing(
     host = classic_lab.hosts["esx3a"]
     assert isinstance(host, EsxClassicHost)
     paths = [host.create_vm("victim", directory=d) for d in ("a", "b")]
-    pids = {host.start_vm(path) for path in paths}
-    with LabDaemon(classic_lab) as daemon:
-        reply = fence(daemon, "victim")
-        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-        for path in paths:
-            assert path in reply["error"]["message"], reply
-        assert alive(host) == pids
+    check_fails_naming_all_and_kills_nothing(classic_lab, host, paths)
 
 
 @pytest.mark.parametrize("sep", ["\r", "\x85", "\u2028", "\x1e"], ids=repr)

@@ -14,6 +14,15 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import (
+    check_dead_host_fails,
+    check_host_back,
+    check_on_then_reboot,
+    fence,
+    fence_failure,
+    fenced,
+)
+from tests.integration.socket_clients import child_output, fork_child
 from tests.waiting import wait_for
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
@@ -29,20 +38,14 @@ def daemon(lab: Lab) -> Iterator[LabDaemon]:
         yield running
 
 
-def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
-    return daemon.request({"op": "fence", "vm": vm, "action": action})
-
-
 def test_off_kills_exactly_the_target_and_confirms(lab: Lab) -> None:
     esx1, esx2 = lab.hosts["esx1"], lab.hosts["esx2"]
     target = esx1.start_vm("gfs-node1")
     bystander = esx1.start_vm("gfs-node3")
     other = esx2.start_vm("gfs-node2")
     with LabDaemon(lab, aliases=ALIASES) as daemon:
-        reply = fence(daemon, "node1")
-        assert reply["ok"], reply
-        result = reply["result"]
-        assert (result["outcome"], result["host"], result["cartel"]) == ("killed", "esx1", target)
+        result = fenced(daemon, "node1", "killed")
+        assert (result["host"], result["cartel"]) == ("esx1", target)
         assert result["joined"] is False
         # The daemon's word is checked against the host's real process table.
         assert not esx1.pid_alive(target)
@@ -50,8 +53,7 @@ def test_off_kills_exactly_the_target_and_confirms(lab: Lab) -> None:
         assert esx2.pid_alive(other)
         assert esx1.vm_pids() == {"gfs-node3": bystander}
         # Fencing it again: every host answers, none runs it.
-        again = fence(daemon, "gfs-node1")
-        assert again["ok"] and again["result"]["outcome"] == "already_off", again
+        fenced(daemon, "gfs-node1", "already_off")
 
 
 def test_vm_moved_after_inventory_is_found_and_killed(lab: Lab) -> None:
@@ -67,32 +69,21 @@ def test_vm_moved_after_inventory_is_found_and_killed(lab: Lab) -> None:
         assert not esx3.pid_alive(moved)
 
 
-def test_reused_cartel_is_never_killed(lab: Lab) -> None:
+@pytest.mark.parametrize("intruder", ["another-vm", "unrelated-process"])
+def test_reused_cartel_is_never_killed(lab: Lab, intruder: str) -> None:
     esx1 = lab.hosts["esx1"]
     old = esx1.start_vm("gfs-node1")
     with LabDaemon(lab, aliases=ALIASES) as daemon:
         esx1.stop_vm("gfs-node1")
         esx1.set_next_pid(old)
-        intruder = esx1.start_vm("gfs-node2")
-        assert intruder == old  # the map's cartel now belongs to another VM
-        reply = fence(daemon, "node1")
-        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
-        assert esx1.pid_alive(intruder)
-        # The guard itself refused: the stale cartel was tried, not skipped.
-        assert '"outcome": "not-that-vm"' in daemon.log()
-
-
-def test_reused_cartel_by_an_unrelated_process_is_never_killed(lab: Lab) -> None:
-    esx1 = lab.hosts["esx1"]
-    old = esx1.start_vm("gfs-node1")
-    with LabDaemon(lab, aliases=ALIASES) as daemon:
-        esx1.stop_vm("gfs-node1")
-        esx1.set_next_pid(old)
-        pid = int(esx1.ssh("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").stdout)
-        assert pid == old
-        reply = fence(daemon, "node1")
-        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
+        if intruder == "another-vm":
+            pid = esx1.start_vm("gfs-node2")
+        else:
+            pid = int(esx1.ssh("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").stdout)
+        assert pid == old  # the map's cartel now belongs to another VM or program
+        fenced(daemon, "node1", "already_off")
         assert esx1.pid_alive(pid)
+        # The guard itself refused: the stale cartel was tried, not skipped.
         assert '"outcome": "not-that-vm"' in daemon.log()
 
 
@@ -100,21 +91,9 @@ def test_dead_host_fails_the_fence_then_recovers(lab: Lab) -> None:
     esx2 = lab.hosts["esx2"]
     vm = esx2.start_vm("gfs-node2")
     with LabDaemon(lab, aliases=ALIASES) as daemon:
-        esx2.stop_sshd()
-        reply = fence(daemon, "node2")
-        assert not reply["ok"], reply
-        assert reply["error"]["code"] == "fence_failed"
-        assert "esx2" in reply["error"]["message"]
-        # Any VM could be on the dead host: a VM that runs nowhere reachable is not "off".
-        reply = fence(daemon, "gfs-node1-never-started")
-        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
+        check_dead_host_fails(daemon, esx2, "node2", "gfs-node1-never-started")
         assert wait_for(lambda: daemon.host_state("esx2") == "down")
-        esx2.start_sshd()
-        assert esx2.pid_alive(vm)
-        assert wait_for(lambda: daemon.host_state("esx2") == "up")
-        reply = fence(daemon, "node2")
-        assert reply["ok"] and reply["result"]["outcome"] == "killed", reply
-        assert not esx2.pid_alive(vm)
+        check_host_back(daemon, esx2, "node2", vm)
 
 
 def test_concurrent_fences_of_one_vm_run_once(lab: Lab) -> None:
@@ -152,15 +131,7 @@ def test_on_and_reboot(lab: Lab) -> None:
     esx2 = lab.hosts["esx2"]
     esx2.create_vm("gfs-node2")
     with LabDaemon(lab, aliases=ALIASES) as daemon:
-        reply = fence(daemon, "node2", "on")
-        assert reply["ok"] and reply["result"]["outcome"] == "powered_on", reply
-        first = esx2.vm_pids()["gfs-node2"]
-        assert reply["result"]["cartel"] == first
-        reply = fence(daemon, "node2", "reboot")
-        assert reply["ok"] and reply["result"]["outcome"] == "rebooted", reply
-        assert not esx2.pid_alive(first)
-        second = esx2.vm_pids()["gfs-node2"]
-        assert second != first and reply["result"]["cartel"] == second
+        check_on_then_reboot(daemon, "node2", esx2, "gfs-node2")
 
 
 def test_status_lists_hosts_and_vms(lab: Lab) -> None:
@@ -201,32 +172,23 @@ def test_bad_requests_get_errors_and_others_are_still_served(daemon: LabDaemon) 
 def ask_as(uid: int, path: str) -> bytes:
     """One status request from a forked child running as `uid`; returns the reply line."""
     read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery, only raw calls, then _exit
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(10)
-                sock.connect(path)
-                # The refusal is sent at connect time; the daemon may close before we write.
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    sock.sendall(b'{"op":"status"}\n')
-                os.write(write_end, sock.makefile("rb").readline())
-            code = 0
-        except BaseException as exc:  # reported to the parent, which fails with it
-            os.write(write_end, f"child: {exc!r}".encode())
-        finally:
-            os._exit(code)
+
+    def child() -> None:
+        os.close(read_end)
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            # The refusal is sent at connect time; the daemon may close before we write.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(b'{"op":"status"}\n')
+            os.write(write_end, sock.makefile("rb").readline())
+
+    pid = fork_child(child, lambda exc: os.write(write_end, f"child: {exc!r}".encode()))
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        data = reader.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, data
-    return data
+    return child_output(pid, read_end)
 
 
 def test_unauthorised_uid_is_refused(lab: Lab) -> None:
@@ -253,10 +215,7 @@ def test_hung_host_times_out_as_a_failure(lab: Lab) -> None:
             for pid in frozen:  # TCP stays open, nothing answers
                 with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
                     os.kill(pid, signal.SIGSTOP)
-            reply = fence(daemon, "node2")
-            assert not reply["ok"], reply
-            assert reply["error"]["code"] == "fence_failed"
-            assert "fence_timeout" in reply["error"]["message"]
+            assert "fence_timeout" in fence_failure(daemon, "node2")
             # Failure was reported while the VM still existed (stopped, seen from outside).
             assert Path(f"/proc/{vm}/stat").read_text().split(") ")[1][0] == "T"
         finally:

@@ -63,6 +63,16 @@ def esxi_listings(host: LabHost) -> list[tuple[RunningVM, ...] | ParseError]:
     return answers
 
 
+def listings_beside_the_victim(
+    lab: Lab, attacker_name: str
+) -> list[tuple[RunningVM, ...] | ParseError]:
+    """esxi_listings of esx1 running "victim" and an attacker's VM displayed as `attacker_name`."""
+    host = lab.hosts["esx1"]
+    host.start_vm("victim")
+    host.start_vm(host.create_vm("evil", display_name=attacker_name))
+    return esxi_listings(host)
+
+
 @pytest.mark.parametrize("sep", SEPARATORS, ids=SEPARATOR_IDS)
 def test_forged_record_in_a_display_name_fails_every_listing(esx_lab: Lab, sep: str) -> None:
     host = esx_lab.hosts["esx1"]
@@ -110,10 +120,7 @@ def test_quotes_and_record_text_in_a_name_stay_that_vms_own(
 
 
 def test_record_text_that_cannot_be_told_apart_is_a_doubt(esx_lab: Lab) -> None:
-    host = esx_lab.hosts["esx1"]
-    host.start_vm("victim")
-    host.start_vm(host.create_vm("evil", display_name=forged_name(" ")))
-    vmdumper, xml = esxi_listings(host)
+    vmdumper, xml = listings_beside_the_victim(esx_lab, forged_name(" "))
     assert isinstance(vmdumper, ParseError) and "cannot be told apart" in vmdumper.reason
     # esxcli's XML carries the name as text: read whole, at the attacker's own cartel.
     assert not isinstance(xml, ParseError)
@@ -127,19 +134,13 @@ def test_record_text_that_cannot_be_told_apart_is_a_doubt(esx_lab: Lab) -> None:
     "the fence verdict then sees the victim twice and fails)",
 )
 def test_forged_record_after_a_raw_newline(esx_lab: Lab) -> None:
-    host = esx_lab.hosts["esx1"]
-    host.start_vm("victim")
     name = forged_name("\n", cfg="/vmfs/volumes/ds9/evil/evil.vmx")
-    host.start_vm(host.create_vm("evil", display_name=name))
-    vmdumper, _ = esxi_listings(host)
+    vmdumper, _ = listings_beside_the_victim(esx_lab, name)
     assert isinstance(vmdumper, ParseError)
 
 
 def test_newline_forging_the_same_vmx_is_a_doubt(esx_lab: Lab) -> None:
-    host = esx_lab.hosts["esx1"]
-    host.start_vm("victim")
-    host.start_vm(host.create_vm("evil", display_name=forged_name("\n")))
-    vmdumper, xml = esxi_listings(host)
+    vmdumper, xml = listings_beside_the_victim(esx_lab, forged_name("\n"))
     assert isinstance(vmdumper, ParseError) and "listed twice" in vmdumper.reason
     assert isinstance(xml, ParseError)
 

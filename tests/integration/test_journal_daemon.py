@@ -11,12 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import run_client
 from tests.integration.test_notify_daemon import Systemd
 from tests.waiting import wait_until
 from vmfenced.clients.ctl import run as ctl_run
@@ -149,14 +149,7 @@ def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
 
 def fence_agent(daemon: LabDaemon, plug: str) -> subprocess.CompletedProcess[str]:
     """fence_vmfenced as Pacemaker starts it."""
-    return subprocess.run(
-        [sys.executable, "-m", "vmfenced.clients.agent"],
-        input=f"action=off\nplug={plug}\nsocket={daemon.socket}\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_client("agent", stdin=f"action=off\nplug={plug}\nsocket={daemon.socket}\n")
 
 
 def test_a_full_journal_disk_never_fails_a_fence(lab: Lab, tmp_path: Path) -> None:

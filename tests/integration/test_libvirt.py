@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Any
 
 import pytest
 
+from tests.integration.conftest import (
+    check_dead_host_fails,
+    check_host_back,
+    check_on_then_reboot,
+    fence,
+    fenced,
+)
 from tests.waiting import wait_for
 from vmfenced.backends import libvirt as lv
 from vmfenced.backends import parse_kill_marker
@@ -19,10 +25,6 @@ from vmflab.daemon import LabDaemon
 pytestmark = pytest.mark.integration
 
 ALIASES = {"node1": "vm1", "node2": "vm2"}
-
-
-def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
-    return daemon.request({"op": "fence", "vm": vm, "action": action})
 
 
 def shut_off(host: LibvirtHost, name: str) -> bool:
@@ -37,17 +39,14 @@ def test_off_kills_the_real_qemu_and_only_it(kvm_lab: Lab) -> None:
     others = {name: kvm1.start_vm(name) for name in ("vm10", "vm1,x")}
     elsewhere = kvm2.start_vm("vm2")
     with LabDaemon(kvm_lab, aliases=ALIASES) as daemon:
-        reply = fence(daemon, "node1")
-        assert reply["ok"], reply
-        result = reply["result"]
-        assert (result["outcome"], result["host"], result["cartel"]) == ("killed", "kvm1", target)
+        result = fenced(daemon, "node1", "killed")
+        assert (result["host"], result["cartel"]) == ("kvm1", target)
         assert not kvm1.pid_alive(target)
         assert shut_off(kvm1, "vm1")
         assert all(kvm1.pid_alive(pid) for pid in others.values())
         assert kvm2.pid_alive(elsewhere)
         assert kvm1.vm_pids() == others
-        again = fence(daemon, "vm1")
-        assert again["ok"] and again["result"]["outcome"] == "already_off", again
+        fenced(daemon, "vm1", "already_off")
 
 
 def test_listings_and_guard_on_real_qemu(kvm_lab: Lab) -> None:
@@ -114,8 +113,7 @@ def test_reused_pid_is_never_killed(kvm_lab: Lab, intruder: list[str]) -> None:
         kvm1.stop_vm("vm1")  # behind the daemon's back: its map still says vm1 is PID `old`
         pid = kvm1.spawn(intruder, pid=old)
         assert pid == old
-        reply = fence(daemon, "node1")
-        assert reply["ok"] and reply["result"]["outcome"] == "already_off", reply
+        fenced(daemon, "node1", "already_off")
         assert kvm1.pid_alive(pid)
 
 
@@ -123,16 +121,10 @@ def test_on_and_reboot_give_a_new_qemu(kvm_lab: Lab) -> None:
     kvm2 = kvm_lab.libvirt["kvm2"]
     kvm2.define_vm("vm2")
     with LabDaemon(kvm_lab, aliases=ALIASES) as daemon:
-        reply = fence(daemon, "node2", "on")
-        assert reply["ok"] and reply["result"]["outcome"] == "powered_on", reply
-        first = kvm2.vm_pids()["vm2"]
-        assert (reply["result"]["host"], reply["result"]["cartel"]) == ("kvm2", first)
-        # Right after the kill, libvirtd may not have seen the old qemu die yet.
-        reply = fence(daemon, "node2", "reboot")
-        assert reply["ok"] and reply["result"]["outcome"] == "rebooted", reply
-        assert not kvm2.pid_alive(first)
-        second = kvm2.vm_pids()["vm2"]
-        assert second != first and reply["result"]["cartel"] == second
+        # The reboot's power-on comes right after the kill, when libvirtd may not have seen the
+        # old qemu die yet.
+        on = check_on_then_reboot(daemon, "node2", kvm2, "vm2")
+        assert on["host"] == "kvm2"
         assert kvm2.domstate("vm2") == "running"
 
 
@@ -151,19 +143,8 @@ def test_dead_libvirt_host_fails_the_fence(kvm_lab: Lab) -> None:
     kvm2 = kvm_lab.libvirt["kvm2"]
     vm = kvm2.start_vm("vm2")
     with LabDaemon(kvm_lab, aliases=ALIASES) as daemon:
-        kvm2.stop_sshd()
-        reply = fence(daemon, "node2")
-        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-        assert "kvm2" in reply["error"]["message"]
-        # Any VM could be on the dead host: one that runs nowhere reachable is not "off".
-        reply = fence(daemon, "never-started")
-        assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
-        kvm2.start_sshd()
-        assert kvm2.pid_alive(vm)
-        assert wait_for(lambda: daemon.host_state("kvm2") == "up")
-        reply = fence(daemon, "node2")
-        assert reply["ok"] and reply["result"]["outcome"] == "killed", reply
-        assert not kvm2.pid_alive(vm)
+        check_dead_host_fails(daemon, kvm2, "node2", "never-started")
+        check_host_back(daemon, kvm2, "node2", vm)
 
 
 def test_mixed_esxi_and_libvirt_hosts(kvm_lab: Lab) -> None:
@@ -181,9 +162,7 @@ def test_mixed_esxi_and_libvirt_hosts(kvm_lab: Lab) -> None:
         vms = {vm["name"]: (vm["host"], vm["state"]) for vm in status["vms"]}
         assert vms == {"esx-vm": ("esx1", "on"), "kvm-vm": ("kvm1", "on")}
         for vm, host, pid in (("esx-vm", "esx1", cartel), ("kvm-vm", "kvm1", qemu)):
-            reply = fence(daemon, vm)
-            assert reply["ok"], reply
-            assert (reply["result"]["outcome"], reply["result"]["host"]) == ("killed", host)
-            assert reply["result"]["cartel"] == pid
+            result = fenced(daemon, vm, "killed")
+            assert (result["host"], result["cartel"]) == (host, pid)
         assert not esx1.pid_alive(cartel)
         assert not kvm1.pid_alive(qemu)

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import sshd_sessions
 from tests.waiting import wait_for
 from vmfenced.clients.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
-from vmflab.host import LabHost
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +28,6 @@ def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = ctl_run(["--socket", str(daemon.socket), *argv], out, err)
     return code, out.getvalue(), err.getvalue()
-
-
-def sshd_sessions(host: LabHost) -> set[int]:
-    """PIDs of the host's per-connection sshd processes: new ones mean new SSH connections."""
-    found = set()
-    for pid in host.namespace_pids():
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd: vmflab"):
-                found.add(pid)
-    return found
 
 
 def hosts_by_name(daemon: LabDaemon) -> dict[str, dict[str, Any]]:

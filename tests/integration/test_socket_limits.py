@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import sshd_sessions
 from tests.integration.socket_clients import (
     GROUP,
     LONG_IDLE,
@@ -36,7 +37,6 @@ from vmfenced.clients.ctl import run as ctl_run
 from vmfenced.daemon.clientlimits import MIN_CLIENTS, reserved_fds
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
-from vmflab.host import LabHost
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +49,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 def open_fds(daemon: LabDaemon) -> int:
     assert daemon.proc is not None
     return sum(1 for _ in Path(f"/proc/{daemon.proc.pid}/fd").iterdir())
-
-
-def sshd_sessions(host: LabHost) -> set[int]:
-    """PIDs of the host's per-connection sshd processes: one per SSH connection of a lane."""
-    found = set()
-    for pid in host.namespace_pids():
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd: vmflab"):
-                found.add(pid)
-    return found
 
 
 def links_up(daemon: LabDaemon) -> int:
