@@ -22,7 +22,6 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from vmfenced.clients.ctl import run as ctl_run
 
@@ -112,13 +111,8 @@ class FakeDaemon:
     def __enter__(self) -> FakeDaemon:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()  # stops whether the block raised or not, and lets what it raised through
 
     def _spawn(self, target: Callable[[socket.socket], None], arg: socket.socket) -> None:
         thread = threading.Thread(target=target, args=(arg,), daemon=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.conftest import stand_in
 from vmfenced.backends import esx_classic as ec
 from vmfenced.backends import parse_kill_marker
 from vmfenced.backends.registry import BACKENDS
@@ -321,14 +322,9 @@ esac
 def run_power_on(
     tmp_path: Path, vm: RegisteredVM, listing: str, status: int = 0
 ) -> tuple[str, list[str]]:
-    bin_dir = tmp_path / "bin"
-    run = bin_dir / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    (bin_dir / "vmware-cmd").write_text(VMWARE_CMD)
-    (bin_dir / "vmware-cmd").chmod(0o755)
-    (run / "list").write_text(listing)
-    (run / "status").write_text(f"{status}\n")
-    (run / "started").write_text("")
+    bin_dir = stand_in(
+        tmp_path, "vmware-cmd", VMWARE_CMD, list=listing, status=f"{status}\n", started=""
+    )
     done = subprocess.run(
         ["/bin/sh", "-c", ec.power_on_command(vm) + "\necho after:$?"],
         capture_output=True,
@@ -337,7 +333,7 @@ def run_power_on(
         timeout=30,
         check=False,
     )
-    return done.stdout + done.stderr, (run / "started").read_text().split("\n")[:-1]
+    return done.stdout + done.stderr, (bin_dir / "run/started").read_text().split("\n")[:-1]
 
 
 ODD = "/vmfs/volumes/ds1/a'b $(touch x)/a'b $(touch x).vmx"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.conftest import stand_in
 from tests.unit.test_esxi import ESXCLI_XML, VMDUMPER
 from vmfenced.backends import parse_kill_marker
 from vmfenced.backends.esxi import (
@@ -300,14 +301,7 @@ def shells() -> list[list[str]]:
 def run_power_on(
     tmp_path: Path, shell: list[str], command: str, table: str, status: int = 0
 ) -> tuple[str, list[str]]:
-    bin_dir = tmp_path / "bin"
-    run = bin_dir / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    (bin_dir / "vim-cmd").write_text(VIM_CMD)
-    (bin_dir / "vim-cmd").chmod(0o755)
-    (run / "table").write_text(table)
-    (run / "status").write_text(f"{status}\n")
-    (run / "started").write_text("")
+    bin_dir = stand_in(tmp_path, "vim-cmd", VIM_CMD, table=table, status=f"{status}\n", started="")
     path = str(bin_dir)
     if shell[0] == "busybox":
         for applet in ("awk", "tail", "cat", "dirname"):
@@ -323,7 +317,7 @@ def run_power_on(
         timeout=30,
         check=False,
     )
-    return done.stdout + done.stderr, (run / "started").read_text().split()
+    return done.stdout + done.stderr, (bin_dir / "run/started").read_text().split()
 
 
 NODE = RegisteredVM("12", 'gfs node 2 "a" $(touch x) \\', "[ds 2] gfs node 2/gfs node 2.vmx")

@@ -230,23 +230,25 @@ async def test_write_within_says_why_a_record_waits(journal: Journal, disk: Disk
     )
 
 
-def test_close_tries_the_backlog_once_more(tmp_path: Path, disk: Disk) -> None:
+def record_1_waiting(tmp_path: Path, disk: Disk) -> Journal:
+    """An open journal whose disk filled up before record 1, which waits in memory."""
     journal = Journal(tmp_path, 1 << 20, 3, write=disk.write, sync=disk.sync)
     journal.open()
     disk.full()
     with pytest.raises(JournalError):
         asyncio.run(journal.append(record(1)))
+    return journal
+
+
+def test_close_tries_the_backlog_once_more(tmp_path: Path, disk: Disk) -> None:
+    journal = record_1_waiting(tmp_path, disk)
     disk.free()
     journal.close()
     assert numbers(tmp_path / FILE_NAME) == [1]
 
 
 def test_close_logs_what_it_cannot_write(tmp_path: Path, disk: Disk) -> None:
-    journal = Journal(tmp_path, 1 << 20, 3, write=disk.write, sync=disk.sync)
-    journal.open()
-    disk.full()
-    with pytest.raises(JournalError):
-        asyncio.run(journal.append(record(1)))
+    journal = record_1_waiting(tmp_path, disk)
     with capture_logs() as logs:
         journal.close()
     lost = [e for e in logs if e["event"] == "fence record lost at exit: never written"]
