@@ -14,10 +14,9 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
+import vmflab
 from tests.integration.conftest import fence, fence_failure, kvm_lab, lab, lab_unavailable
 from tests.waiting import wait_until
-from vmflab import Lab, LibvirtHost
-from vmflab import LabHost as EsxHost
 from vmflab.chaos_report import kept_section
 from vmflab.daemon import LabDaemon
 from vmflab.procs import stopped
@@ -36,6 +35,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# A lab host of any kind (ESXi, esx-classic, libvirt) that the scenarios below can also stop.
+AnyHost = vmflab.LabHost | vmflab.LibvirtHost
 # Dead links are seen within keepalive_interval x (keepalive_count_max + 1) = 1.5 s.
 FAST_KEEPALIVE = {"keepalive_interval": 0.5, "keepalive_count_max": 2}
 
@@ -134,7 +135,7 @@ class Ledger:
         return false_successes, collateral
 
 
-def fence_when_up(daemon: LabDaemon, ledger: Ledger, down: str, host: str, vm: str) -> None:
+def fence_when_up(daemon: LabDaemon, ledger: Ledger, *, down: str, host: str, vm: str) -> None:
     """Once host `down` is up again, a fence of `vm` (on `host`) succeeds."""
     wait_until(lambda: daemon.host_state(down) == "up")
     reply = fence(daemon, vm)
@@ -142,9 +143,7 @@ def fence_when_up(daemon: LabDaemon, ledger: Ledger, down: str, host: str, vm: s
     ledger.succeeded(host, vm)
 
 
-def fence_where_it_moved(
-    daemon: LabDaemon, ledger: Ledger, host: EsxHost | LibvirtHost, vm: str
-) -> None:
+def fence_where_it_moved(daemon: LabDaemon, ledger: Ledger, host: AnyHost, vm: str) -> None:
     """`vm` started on `host` after the daemon's inventory, which saw it elsewhere: the fence
     finds it there and kills it."""
     ledger.start(host, vm)
@@ -154,10 +153,11 @@ def fence_where_it_moved(
 
 
 def check_hung_host(
-    lab: Lab,
+    lab: vmflab.Lab,
     ledger: Ledger,
-    hung: tuple[EsxHost | LibvirtHost, str],
-    well: tuple[EsxHost | LibvirtHost, str],
+    *,
+    hung: tuple[AnyHost, str],
+    well: tuple[AnyHost, str],
     **settings: Any,
 ) -> None:
     """Every process of the `hung` host SIGSTOPped, then thawed: the daemon sees it down, a fence
@@ -171,7 +171,7 @@ def check_hung_host(
             ledger.seconds = wait_until(lambda: daemon.host_state(host.name) == "down")
             ledger.target(host.name, vm)
             fence_failure(daemon, vm)
-        fence_when_up(daemon, ledger, host.name, other.name, other_vm)
+        fence_when_up(daemon, ledger, down=host.name, host=other.name, vm=other_vm)
     ledger.outcome = "down detected; fence on it failed; link back after thaw"
     ledger.check()
 

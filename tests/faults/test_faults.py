@@ -51,7 +51,8 @@ def frozen(pid: int) -> Iterator[None]:
 
 def test_hung_host(lab: Lab, ledger: Ledger) -> None:
     """every process of esx2 SIGSTOPped, then thawed"""
-    check_hung_host(lab, ledger, (lab.hosts["esx2"], "gfs-node2"), (lab.hosts["esx1"], "gfs-node1"))
+    hung, well = (lab.hosts["esx2"], "gfs-node2"), (lab.hosts["esx1"], "gfs-node1")
+    check_hung_host(lab, ledger, hung=hung, well=well)
     # Bound: keepalive_interval x (keepalive_count_max + 1) = 1.5 s, plus scheduling slack.
     assert ledger.seconds is not None and ledger.seconds < 1.5 * 3
 
@@ -253,7 +254,7 @@ def fails_while(
                 reply = ledger.timed(lambda: pending.result(timeout=30))
                 assert not reply["ok"] and reply["error"]["code"] == "fence_failed", reply
                 wait_until(lambda: daemon.host_state("esx2") == "down")
-        fence_when_up(daemon, ledger, "esx2", "esx1", "gfs-node1")
+        fence_when_up(daemon, ledger, down="esx2", host="esx1", vm="gfs-node1")
     ledger.outcome = "fence_failed; host down meanwhile, up again after"
     ledger.check()
 

@@ -29,4 +29,4 @@ def test_libvirt_vm_migrated_between_inventory_and_fence(kvm_lab: Lab, ledger: L
 def test_libvirt_hung_host(kvm_lab: Lab, ledger: Ledger) -> None:
     """every process of kvm2 (sshd, libvirtd, qemu) SIGSTOPped, then thawed"""
     kvm1, kvm2 = kvm_lab.libvirt["kvm1"], kvm_lab.libvirt["kvm2"]
-    check_hung_host(kvm_lab, ledger, (kvm2, "vm2"), (kvm1, "vm1"), hosts=["kvm1", "kvm2"])
+    check_hung_host(kvm_lab, ledger, hung=(kvm2, "vm2"), well=(kvm1, "vm1"), hosts=["kvm1", "kvm2"])

@@ -114,7 +114,7 @@ def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
     return daemon.request({"op": "fence", "vm": vm, "action": action})
 
 
-def fenced(daemon: LabDaemon, vm: str, outcome: str, action: str = "off") -> dict[str, Any]:
+def fenced(daemon: LabDaemon, vm: str, outcome: str, *, action: str = "off") -> dict[str, Any]:
     """The result of a fence that must succeed with `outcome`."""
     reply = fence(daemon, vm, action)
     assert reply["ok"] and reply["result"]["outcome"] == outcome, reply
@@ -166,10 +166,10 @@ def check_host_back(daemon: LabDaemon, host: VmHost, alias: str, cartel: int) ->
 def check_on_then_reboot(daemon: LabDaemon, alias: str, host: VmHost, vm: str) -> dict[str, Any]:
     """Powers `alias` on, then reboots it: each answer names the process the host really runs,
     and the reboot's is a new one, the old one gone. Returns the power-on's result."""
-    on = fenced(daemon, alias, "powered_on", "on")
+    on = fenced(daemon, alias, "powered_on", action="on")
     first = host.vm_pids()[vm]
     assert on["cartel"] == first
-    reboot = fenced(daemon, alias, "rebooted", "reboot")
+    reboot = fenced(daemon, alias, "rebooted", action="reboot")
     assert not host.pid_alive(first)
     second = host.vm_pids()[vm]
     assert second != first and reboot["cartel"] == second

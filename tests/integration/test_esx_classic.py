@@ -97,8 +97,8 @@ def test_on_uses_vmware_cmd(classic_lab: Lab) -> None:
     b.create_vm("node2")
     # Three vmware-cmd calls (registrations, the re-check, start) of ~3.5 s each.
     with LabDaemon(classic_lab, aliases=ALIASES, daemon={"on_timeout": 30}) as daemon:
-        on = fenced(daemon, "gfs2", "powered_on", "on")
+        on = fenced(daemon, "gfs2", "powered_on", action="on")
         first = b.vm_pids()["node2"]
         assert on["cartel"] == first
-        fenced(daemon, "gfs2", "killed", "off")
+        fenced(daemon, "gfs2", "killed", action="off")
         assert not b.pid_alive(first) and b.vm_pids() == {}
