@@ -23,6 +23,7 @@ import time
 from datetime import UTC, datetime
 
 from vmfenced import __version__
+from vmfenced.clients import replies
 from vmfenced.clients.client import (
     DEFAULT_SOCKET,
     FENCE_ACTIONS,
@@ -31,13 +32,6 @@ from vmfenced.clients.client import (
     DaemonError,
     HostInfo,
     JsonObject,
-    parse_fence,
-    parse_history,
-    parse_list,
-    parse_metrics,
-    parse_reload,
-    parse_status,
-    parse_vm_status,
     vm_name_problem,
 )
 from vmfenced.clients.process import exit_with
@@ -193,7 +187,7 @@ def _listing(problem: str | None) -> str | None:
 
 
 def render_status(result: JsonObject, now: float) -> str:
-    status = parse_status(result)
+    status = replies.parse_status(result)
     d = status.daemon
     head = f"vmfenced {_clean(d.version)}, pid {d.pid}, up {format_age(d.uptime_s)}\n"
     if status.journal is not None:
@@ -244,19 +238,19 @@ def _journal_line(j: JournalInfo, now: float) -> str:
 def render_list(result: JsonObject) -> str:
     return table(
         ("VM", "ALIAS", "HOST", "STATE"),
-        [(v.name, v.alias, v.host, v.state) for v in parse_list(result)],
+        [(v.name, v.alias, v.host, v.state) for v in replies.parse_list(result)],
     )
 
 
 def render_vm_status(result: JsonObject) -> str:
-    s = parse_vm_status(result)
+    s = replies.parse_vm_status(result)
     where = f" on {_clean(s.host)}" if s.host else ""
     cartel = f" (cartel {s.cartel})" if s.cartel is not None else ""
     return f"{_clean(s.vm)}: {s.state}{where}{cartel}\n"
 
 
 def render_fence(result: JsonObject) -> str:
-    f = parse_fence(result)
+    f = replies.parse_fence(result)
     parts = [f"{_clean(f.vm)}: {f.action} -> {_clean(f.outcome)}"]
     if f.host:
         parts.append(f"on {_clean(f.host)}")
@@ -275,7 +269,7 @@ def render_fence(result: JsonObject) -> str:
 
 
 def render_reload(result: JsonObject) -> str:
-    r = parse_reload(result)
+    r = replies.parse_reload(result)
     if not r.changed:
         return "reloaded: no change\n"
     parts = [
@@ -297,7 +291,7 @@ def _utc(t: float) -> str:
 
 
 def render_history(result: JsonObject, now: float) -> str:
-    h = parse_history(result)
+    h = replies.parse_history(result)
     rows = []
     for e in h.entries:
         vm = e.vm if e.vm == e.target else f"{e.vm} -> {e.target}"
@@ -350,7 +344,7 @@ def _request(client: Client, args: argparse.Namespace) -> JsonObject:
 
 def _render(args: argparse.Namespace, result: JsonObject, now: float) -> str:
     if args.command == "metrics":
-        return parse_metrics(result)
+        return replies.parse_metrics(result)
     if args.json:
         return json.dumps(result, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
     if args.command == "status":

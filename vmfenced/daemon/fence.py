@@ -15,17 +15,10 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from vmfenced.daemon import verdict
 from vmfenced.daemon.evidence import Evidence
 from vmfenced.daemon.host import Host
-from vmfenced.daemon.verdict import (
-    Decision,
-    HostView,
-    KillReport,
-    Step,
-    decide_off,
-    decide_on,
-    decide_status,
-)
+from vmfenced.daemon.verdict import Decision, HostView, KillReport, Step
 from vmfenced.errors import FenceFailed, LinkError, UnknownVM
 from vmfenced.model import KillOutcome, Located, RegisteredVM, VMMap, resolve
 
@@ -175,7 +168,9 @@ class Fencer:
         try:
             async with asyncio.timeout(self.fence_timeout):
                 while True:
-                    decision = decide_status(vm, list(views.values()), known=self._known(vm))
+                    decision = verdict.decide_status(
+                        vm, list(views.values()), known=self._known(vm)
+                    )
                     if decision.step is Step.ON and decision.target is not None:
                         loc = decision.target
                         return VMState(vm, "on", loc.host, loc.vm.cartel)
@@ -209,7 +204,7 @@ class Fencer:
         kill: KillReport | None = None
         rounds = 0
         while True:
-            decision = decide_off(vm, list(off.views.values()), kill, known=self._known(vm))
+            decision = verdict.decide_off(vm, list(off.views.values()), kill, known=self._known(vm))
             match decision.step:
                 case Step.KILLED:
                     assert decision.target is not None
@@ -301,7 +296,7 @@ class Fencer:
         since = time.monotonic()
         views = self._evidence.views(vm)
         while True:
-            decision = decide_on(vm, list(views.values()), known=self._known(vm))
+            decision = verdict.decide_on(vm, list(views.values()), known=self._known(vm))
             if decision.step is Step.ON and decision.target is not None:
                 return self._done(vm, "on", "already_on", decision.target, start)
             if decision.step is Step.POWER_ON and decision.registration is not None:
