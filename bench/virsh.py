@@ -31,8 +31,8 @@ import vmfenced
 from vmfenced.clients.agent_install import install
 from vmflab import Lab, LibvirtHost
 from vmflab.cluster import Cluster
-from vmflab.cluster_config import agent_wrapper, host_map
-from vmflab.cluster_vm import LibvirtLabVm, NodeVm
+from vmflab.cluster.config import agent_wrapper, host_map
+from vmflab.cluster.vm import LibvirtLabVm, NodeVm
 from vmflab.daemon import LabDaemon
 from vmflab.stats import percentile
 

@@ -2,7 +2,7 @@
 daemon, and a real corosync + Pacemaker cluster whose nodes are tied to those VMs.
 
 The VM side is one fixture (``node_vms``): switching the cluster to other VMs (libvirt) means
-giving it other ``vmflab.cluster_vm.NodeVm`` objects and a daemon configured for them.
+giving it other ``vmflab.cluster.vm.NodeVm`` objects and a daemon configured for them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import vmfenced
 from vmflab import Lab
 from vmflab.cluster import Cluster
-from vmflab.cluster_config import agent_wrapper, host_map
-from vmflab.cluster_vm import EsxiLabVm, NodeVm
+from vmflab.cluster.config import agent_wrapper, host_map
+from vmflab.cluster.vm import EsxiLabVm, NodeVm
 from vmflab.daemon import LabDaemon
 
 REPORT = pytest.StashKey[list[str]]()

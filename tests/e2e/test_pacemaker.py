@@ -19,8 +19,8 @@ import pytest
 
 from tests.e2e.conftest import AGENT_LOG, DEVICE, Report
 from vmflab.cluster import Cluster
-from vmflab.cluster_node import Life
-from vmflab.cluster_vm import NodeVm
+from vmflab.cluster.node import Life
+from vmflab.cluster.vm import NodeVm
 from vmflab.daemon import LabDaemon
 
 pytestmark = pytest.mark.e2e

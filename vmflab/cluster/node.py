@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmflab.cluster_config import NodeSpec
-from vmflab.cluster_machine import GONE_TIMEOUT_S, Machine, NodeDirs
-from vmflab.cluster_vm import NodeVm
+from vmflab.cluster.config import NodeSpec
+from vmflab.cluster.machine import GONE_TIMEOUT_S, Machine, NodeDirs
+from vmflab.cluster.vm import NodeVm
 from vmflab.control import LabError
 
 REBOOT_WAIT_S = 60.0

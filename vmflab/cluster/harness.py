@@ -28,11 +28,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from vmflab.cluster_config import NodeSpec, cib_xml, corosync_conf, stonith_primitive
-from vmflab.cluster_machine import Machine, NodeDirs, Switch
-from vmflab.cluster_node import Life, NodeSupervisor
-from vmflab.cluster_view import ClusterView, OpResult, parse_crm_mon, parse_op_history
-from vmflab.cluster_vm import NodeVm, processes_in
+from vmflab.cluster.config import NodeSpec, cib_xml, corosync_conf, stonith_primitive
+from vmflab.cluster.machine import Machine, NodeDirs, Switch
+from vmflab.cluster.node import Life, NodeSupervisor
+from vmflab.cluster.view import ClusterView, OpResult, parse_crm_mon, parse_op_history
+from vmflab.cluster.vm import NodeVm, processes_in
 from vmflab.control import LabError
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ class Cluster:
     ) -> None:
         """``vms``: node name -> its VM. ``agents``: file name -> text of executables each node
         sees in /usr/sbin. ``python_dir``: a directory every node user may import from, at
-        ``cluster_config.NODE_PYTHON_DIR`` (for agents written in Python)."""
+        ``vmflab.cluster.config.NODE_PYTHON_DIR`` (for agents written in Python)."""
         if not vms:
             raise LabError("a cluster needs at least one node")
         self.workdir = Path(workdir).resolve()

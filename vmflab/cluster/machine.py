@@ -1,6 +1,6 @@
 """One boot of a cluster node (a "machine"), and the switch that links the machines.
 
-A machine is ``unshare --pid --mount --uts --net`` around ``vmflab/cluster_init.py`` (PID 1),
+A machine is ``unshare --pid --mount --uts --net`` around ``vmflab/cluster/init.py`` (PID 1),
 bound to one process of the node's VM. Its network is a veth pair whose other end is a port of
 a bridge in the switch's network namespace; the addresses exist only inside those namespaces.
 Everything is torn down by PID: SIGKILL of a machine's init kills its whole PID namespace.
@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmflab.cluster_config import NodeSpec
-from vmflab.cluster_vm import pid_namespace, processes_in
+from vmflab.cluster.config import NodeSpec
+from vmflab.cluster.vm import pid_namespace, processes_in
 from vmflab.control import InitControl, LabError
 
-INIT_SCRIPT = Path(__file__).with_name("cluster_init.py")
+INIT_SCRIPT = Path(__file__).with_name("init.py")
 BRIDGE = "br0"
 PREFIX_LEN = 24
 MAX_IFNAME = 15
