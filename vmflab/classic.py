@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from vmflab.control import LabError
-from vmflab.host import START_TIMEOUT_S, LabHost, RunningVm
-from vmflab.vmfs import NS_VOLUMES
+from vmflab.host import LabHost, RunningVm
 from vmflab.vmlist import vm_name_of
 
 CLASSIC_SHIMS_DIR = Path(__file__).resolve().parent / "shims_classic"
@@ -47,11 +46,7 @@ class EsxClassicHost(LabHost):
 
     def set_next_pid(self, pid: int) -> None:
         """Makes ``pid`` the PID of the next VM started by ``start_vm`` (not by vmware-cmd)."""
-        if not 2 <= pid < 2**22:
-            raise LabError(f"PID {pid} outside 2..{2**22 - 1}")
-        answer = self._require_control().request(f"pid-free {pid}", START_TIMEOUT_S)
-        if answer != "ok":
-            raise LabError(f"cannot give PID {pid} to the next VM: {answer}", host=self.name)
+        self._claim_pid(pid)
         self._next_pid = pid
 
     def start_vm(self, name: str, *, world_offset: int = 1, busy: bool = False) -> int:
@@ -71,14 +66,7 @@ class EsxClassicHost(LabHost):
 
     def stop_vm(self, name: str) -> None:
         """``name``: a VM name (one running VM has it) or a .vmx path."""
-        if name.startswith(NS_VOLUMES + "/"):
-            pids = [vm.cartel for vm in self.running_vms() if vm.config_file == name]
-            pid = pids[0] if pids else None
-        else:
-            pid = self.vm_pids().get(name)
-        if pid is None:
-            raise LabError(f"VM {name!r} is not running", host=self.name)
-        self.ssh(f"vmflab-classic stop {pid}")
+        self.ssh(f"vmflab-classic stop {self._cartel_of(name)}")
 
     def running_vms(self) -> list[RunningVm]:
         """Live vmware-vmx processes (by comm, independent of vmfenced's argv parsing); lines

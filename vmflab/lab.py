@@ -18,9 +18,10 @@ from types import TracebackType
 
 from vmflab.classic import EsxClassicHost
 from vmflab.control import LabError
-from vmflab.host import LabHost, SshSettings
+from vmflab.host import LabHost
 from vmflab.libvirt import LibvirtHost, kvm_usable, start_hosts
 from vmflab.libvirt_files import LibvirtFiles
+from vmflab.sshd import SshSettings
 from vmflab.vmfs import HostFiles
 
 USERNAME = "vmflab"

@@ -7,11 +7,8 @@ The host's PID 1 is ``vmflab/libvirt_init.py``. Everything about VMs goes throug
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -19,16 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from vmflab.control import InitControl, LabError, SshCommandError
-from vmflab.host import SshSettings, parent_pid, run_ssh, ssh_argv
+from vmflab.control import LabError, SshCommandError
 from vmflab.libvirt_files import LibvirtFiles, check_domain_name, pid_file_name
+from vmflab.sshd import START_TIMEOUT_S, SshdHost, SshSettings
 
-START_TIMEOUT_S = 10.0
 # The first libvirtd ever started probes qemu's capabilities (about 12 s here, more when busy).
 LIBVIRTD_TIMEOUT_S = 120.0
-SSHD_PORT_RETRIES = 3
 RUN_DIR = "/run/libvirt/qemu"
-PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
 def kvm_usable() -> bool:
@@ -45,10 +39,11 @@ def caps_cached(caps_dir: Path) -> bool:
     return any((caps_dir / "capabilities").glob("*.xml"))
 
 
-class LibvirtHost:
+class LibvirtHost(SshdHost):
     """A lab KVM host; ``Lab(..., libvirt_hosts=(...))`` builds, starts and tears it down."""
 
     kind: ClassVar[str] = "libvirt"
+    ssh_timeout_s: ClassVar[float] = 30.0
 
     def __init__(
         self,
@@ -62,25 +57,21 @@ class LibvirtHost:
         ssh_settings: SshSettings,
         pick_port: Callable[[str], int],
     ) -> None:
-        self.name = name
-        self.address = address
-        self.port = port
+        SshdHost.__init__(
+            self,
+            name=name,
+            address=address,
+            port=port,
+            files=files,
+            ssh_settings=ssh_settings,
+            pick_port=pick_port,
+        )
         self.files = files
         self.kvm = kvm
         self.libvirtd_start_s: float | None = None
         self._caps_dir = caps_dir
-        self._ssh = ssh_settings
-        self._pick_port = pick_port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._control: InitControl | None = None
-        self._init_pid: int | None = None
-        self._pid_ns: int | None = None
         self._uuids: dict[str, str] = {}
         self._lock = threading.Lock()
-
-    @property
-    def username(self) -> str:
-        return self._ssh.username
 
     @property
     def accel(self) -> str:
@@ -89,111 +80,35 @@ class LibvirtHost:
     # ----------------------------------------------------------------- lifecycle
     def launch(self) -> None:
         """Starts the namespace, its init (which starts libvirt) and asks for sshd."""
-        if self._proc is not None:
-            raise LabError("host already launched", host=self.name)
         self._caps_dir.mkdir(parents=True, exist_ok=True)
-        self.files.write_sshd_config(self.address, self.port)
-        init_err = self.files.init_err.open("ab")
-        try:
-            self._proc = subprocess.Popen(
-                [
-                    *("unshare", "--pid", "--fork", "--kill-child", "--mount-proc"),
-                    *("--mount", "--propagation", "private", "--"),
-                    *(sys.executable, "-m", "vmflab.libvirt_init"),
-                    *("--root", str(self.files.root), "--caps", str(self._caps_dir)),
-                    *("--sshd-config", str(self.files.sshd_config), "--log", str(self.files.log)),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=init_err,
-                close_fds=True,
-                cwd=PACKAGE_PARENT,  # vmflab importable even when not installed
-            )
-        finally:
-            init_err.close()
-        self._control = InitControl(self._proc, host=self.name, err_file=self.files.init_err)
-        self._control.send("start-sshd")
+        self._launch_sshd(
+            [
+                *(sys.executable, "-m", "vmflab.libvirt_init"),
+                *("--root", str(self.files.root), "--caps", str(self._caps_dir)),
+                *("--sshd-config", str(self.files.sshd_config), "--log", str(self.files.log)),
+            ]
+        )
 
     def wait_ready(
         self, timeout: float = START_TIMEOUT_S, libvirtd_timeout: float = LIBVIRTD_TIMEOUT_S
     ) -> None:
         """Waits until sshd listens and libvirtd answers."""
-        control = self._require_control()
-        answer = control.read_reply(timeout)
-        for _ in range(SSHD_PORT_RETRIES):
-            if answer == "ready" or "Address already in use" not in self.files.log_tail():
-                break
-            self.port = self._pick_port(self.address)
-            self.files.write_sshd_config(self.address, self.port)
-            answer = control.request("start-sshd", timeout)
-        if answer != "ready":
-            tail = self.files.log_tail()
-            raise LabError(f"sshd did not start ({answer}):\n{tail}", host=self.name)
-        answer = control.request(f"wait-libvirtd {libvirtd_timeout:g}", libvirtd_timeout + 5)
+        SshdHost.wait_ready(self, timeout)
+        answer = self._request(f"wait-libvirtd {libvirtd_timeout:g}", libvirtd_timeout + 5)
         if not answer.startswith("ready "):
             raise LabError(f"libvirtd: {answer}:\n{self.files.log_tail()}", host=self.name)
         self.libvirtd_start_s = float(answer.split()[1])
-        proc = self._require_proc()
-        entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
-        children = [int(e.name) for e in entries if parent_pid(e) == proc.pid]
-        if len(children) != 1:
-            raise LabError(f"unshare {proc.pid} has children {children}", host=self.name)
-        self._init_pid = children[0]
-        self._pid_ns = Path(f"/proc/{self._init_pid}/ns/pid").stat().st_ino
-
-    def kill(self) -> None:
-        """SIGKILLs the host's init: the kernel kills every process of the namespace, qemu too."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._init_pid or proc.pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        self.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if self._control is not None:
-            self._control.close()
-        self._control = None
-        self._proc = None
-
-    @property
-    def init_pid(self) -> int | None:
-        return self._init_pid
-
-    def namespace_pids(self) -> list[int]:
-        """PIDs (as seen from outside) of every process still in this host's PID namespace."""
-        if self._pid_ns is None:
-            return []
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if (entry / "ns" / "pid").stat().st_ino == self._pid_ns:
-                        found.append(int(entry.name))
-        return found
 
     # ---------------------------------------------------------------------- ssh
-    def ssh(
-        self, command: str, *, check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        """Runs ``command`` as root on the host over a new SSH connection."""
-        argv = ssh_argv(self._ssh, self.address, self.port, command)
-        return run_ssh(argv, self.name, command, check=check, timeout=timeout)
-
     def ssh_exact(self, command: str, *, timeout: float = 30) -> tuple[int, str]:
         """Exit status and stdout exactly as sent: ``ssh`` reads text with universal newlines,
         which turns a CR (which a domain name may hold) into a line break."""
-        argv = ssh_argv(self._ssh, self.address, self.port, command)
         result = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+            self.ssh_argv(command),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
         return result.returncode, result.stdout.decode("utf-8", "surrogateescape")
 
@@ -276,44 +191,6 @@ class LibvirtHost:
         if not sep or not rest:
             raise LabError(f"unexpected /proc/{pid}/stat {text!r}", host=self.name)
         return rest[0] not in "ZX"
-
-    def spawn(self, argv: Sequence[str], *, pid: int | None = None) -> int:
-        """Starts a process on the host (stdio /dev/null, own session), with ``pid`` if given:
-        the init sets ``ns_last_pid`` right before its fork. Returns the PID."""
-        if pid is not None and not 2 <= pid < 2**22:
-            raise LabError(f"PID {pid} outside 2..{2**22 - 1}")
-        request = f"spawn {pid or 0} {json.dumps(list(argv))}"
-        answer = self._require_control().request(request, START_TIMEOUT_S)
-        if not answer.startswith("ok "):
-            raise LabError(f"cannot spawn {list(argv)!r}: {answer}", host=self.name)
-        return int(answer.split()[1])
-
-    # --------------------------------------------------------------------- sshd
-    def stop_sshd(self) -> None:
-        """Kills every sshd process of the host (listener and sessions): connections reset."""
-        answer = self._require_control().request("stop-sshd", START_TIMEOUT_S)
-        if answer != "stopped":
-            raise LabError(f"cannot stop sshd: {answer}", host=self.name)
-
-    def start_sshd(self) -> None:
-        answer = self._require_control().request("start-sshd", START_TIMEOUT_S)
-        if answer != "ready":
-            raise LabError(f"sshd did not start ({answer})", host=self.name)
-
-    def known_hosts_line(self) -> str:
-        key_type, key_b64 = self.files.host_public_key()
-        return f"[{self.address}]:{self.port} {key_type} {key_b64}"
-
-    # ----------------------------------------------------------------- helpers
-    def _require_proc(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            raise LabError("host not started", host=self.name)
-        return self._proc
-
-    def _require_control(self) -> InitControl:
-        if self._control is None:
-            raise LabError("host not started", host=self.name)
-        return self._control
 
     def __repr__(self) -> str:
         return f"LibvirtHost({self.name!r}, {self.address}:{self.port}, {self.accel})"

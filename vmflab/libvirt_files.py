@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import uuid as uuid_module
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 from vmflab.control import LabError
+from vmflab.sshd import SshdFiles
 
 SYSTEM_LIBVIRT = Path("/etc/libvirt")
 MAX_DOMAIN_NAME = 200
@@ -70,23 +70,18 @@ def domain_xml(name: str, uuid: str, *, kvm: bool, memory_mib: int = 32) -> str:
 """
 
 
-class LibvirtFiles:
+class LibvirtFiles(SshdFiles):
     """Paths and file operations of one lab libvirt host (all paths are the same inside it)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        SshdFiles.__init__(self, root)
         self.etc = root / "etc"
         self.lib = root / "lib"
         self.log_dir = root / "log"
         self.cache = root / "cache"
         self.bashrc = root / "bashrc"
         self.domains = root / "domains"
-        self.sshd_config = root / "sshd_config"
-        self.host_key = root / "ssh_host_ed25519_key"
         self.authorized_keys = root / "authorized_keys"
-        self.pid_file = root / "sshd.pid"
-        self.log = root / "host.log"
-        self.init_err = root / "init.err"
 
     def prepare(self, client_public_key: Path) -> None:
         for directory in (self.root, self.lib, self.log_dir, self.cache, self.domains):
@@ -103,58 +98,12 @@ class LibvirtFiles:
         self.authorized_keys.chmod(0o600)
         self.init_err.write_bytes(b"")
         self.bashrc.write_bytes(b"")
-        self.host_keygen()
+        self.new_host_key()
 
-    def host_keygen(self) -> None:
-        for path in (self.host_key, self.host_key.with_name(self.host_key.name + ".pub")):
-            path.unlink(missing_ok=True)
-        result = subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(self.host_key)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-        if result.returncode != 0:
-            raise LabError(f"ssh-keygen failed: {result.stderr.strip()}")
-
-    def host_public_key(self) -> tuple[str, str]:
-        fields = self.host_key.with_name(self.host_key.name + ".pub").read_text().split()
-        return fields[0], fields[1]
-
-    def write_sshd_config(self, address: str, port: int) -> None:
+    def sshd_options(self) -> list[str]:
         # Root logs in with the lab key only: virsh on qemu:///system and kill -9 of qemu need it,
         # as on a real KVM host.
-        lines = [
-            f"ListenAddress {address}:{port}",
-            f"HostKey {self.host_key}",
-            f"AuthorizedKeysFile {self.authorized_keys}",
-            f"PidFile {self.pid_file}",
-            "PermitRootLogin prohibit-password",
-            "AllowUsers root",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "UsePAM no",
-            "StrictModes no",
-            "MaxStartups 100:30:200",
-            "ClientAliveInterval 200",
-            "ClientAliveCountMax 3",
-            "UseDNS no",
-            "PrintMotd no",
-            "PrintLastLog no",
-            "DisableForwarding yes",
-            "LogLevel INFO",
-            "",
-        ]
-        self.sshd_config.write_text("\n".join(lines))
-
-    def log_tail(self, size: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-size:]
-        except OSError:
-            return ""
+        return [f"AuthorizedKeysFile {self.authorized_keys}", "AllowUsers root"]
 
     def write_domain(self, name: str, *, kvm: bool, uuid: str | None = None) -> Path:
         """The domain's XML, in a file named by its UUID (a name may hold any character)."""

@@ -11,13 +11,12 @@ import errno
 import os
 import re
 import shutil
-import subprocess
 import time
 import uuid as uuid_module
-from collections.abc import Sequence
 from pathlib import Path
 
 from vmflab.control import LabError
+from vmflab.sshd import SshdFiles
 
 NS_LAB = "/vmfs/.lab"
 NS_VOLUMES = "/vmfs/volumes"
@@ -114,11 +113,11 @@ def vmx_text(
     )
 
 
-class HostFiles:
+class HostFiles(SshdFiles):
     """Paths and file operations of one lab host (``ns_*`` paths are as seen inside the host)."""
 
     def __init__(self, root: Path, *, uid: int, gid: int) -> None:
-        self.root = root
+        SshdFiles.__init__(self, root)
         self.vmfs = root / "vmfs"
         self.lab = self.vmfs / ".lab"
         self.bin = self.lab / "bin"
@@ -126,11 +125,6 @@ class HostFiles:
         self.ctl = self.lab / "ctl"
         self.authorized_keys = self.lab / "authorized_keys"
         self.volumes = self.vmfs / "volumes"
-        self.sshd_config = root / "sshd_config"
-        self.host_key = root / "ssh_host_ed25519_key"
-        self.pid_file = root / "sshd.pid"
-        self.log = root / "host.log"
-        self.init_err = root / "init.err"
         self.usrlib_upper = root / "usrlib" / "upper"
         self.usrlib_work = root / "usrlib" / "work"
         self.ns_ctl = f"{NS_LAB}/ctl"
@@ -181,63 +175,14 @@ class HostFiles:
             (vmware_bin / "vmdumper").symlink_to(f"{NS_LAB}/bin/vmdumper")
         self.init_err.write_bytes(b"")
 
-    def host_keygen(self) -> subprocess.Popen[bytes]:
-        """Starts ``ssh-keygen`` for a new host key (the caller waits, to run several at once)."""
-        for path in (self.host_key, self.host_key.with_name(self.host_key.name + ".pub")):
-            path.unlink(missing_ok=True)
-        return subprocess.Popen(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(self.host_key)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-    def new_host_key(self) -> None:
-        proc = self.host_keygen()
-        _, err = proc.communicate(timeout=30)
-        if proc.returncode != 0:
-            raise LabError(f"ssh-keygen failed: {err.decode(errors='replace').strip()}")
-
-    def host_public_key(self) -> tuple[str, str]:
-        fields = self.host_key.with_name(self.host_key.name + ".pub").read_text().split()
-        return fields[0], fields[1]
-
-    def write_sshd_config(self, address: str, port: int, extra: Sequence[str] = ()) -> None:
-        """``extra``: more addresses sshd listens on (same port); duplicates are dropped."""
-        others = [a for a in dict.fromkeys(extra) if a != address]
-        lines = [
-            f"ListenAddress {address}:{port}",
-            *(f"ListenAddress {a}:{port}" for a in others),
-            f"HostKey {self.host_key}",
+    def sshd_options(self) -> list[str]:
+        return [
             f"AuthorizedKeysFile {NS_LAB}/authorized_keys",
-            f"PidFile {self.pid_file}",
-            "PermitRootLogin prohibit-password",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "UsePAM no",
-            "StrictModes no",
             "MaxSessions 1",  # hardened ESXi: one session channel per connection
-            "MaxStartups 100:30:200",
-            "ClientAliveInterval 200",
-            "ClientAliveCountMax 3",
             f"SetEnv PATH={SHIM_PATH}",
             # Runs the client's command unchanged; see the script for what it adds.
             f"ForceCommand {NS_LAB}/bin/vmflab-session",
-            "UseDNS no",
-            "PrintMotd no",
-            "PrintLastLog no",
-            "DisableForwarding yes",
-            "LogLevel INFO",
-            "",
         ]
-        self.sshd_config.write_text("\n".join(lines))
-
-    def log_tail(self, size: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-size:]
-        except OSError:
-            return ""
 
     # ------------------------------------------------------------------- VM files
     def vmx_path(self, name: str, datastore: str, directory: str | None = None) -> str:

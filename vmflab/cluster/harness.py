@@ -32,8 +32,9 @@ from vmflab.cluster.config import NodeSpec, cib_xml, corosync_conf, stonith_prim
 from vmflab.cluster.machine import Machine, NodeDirs, Switch
 from vmflab.cluster.node import Life, NodeSupervisor
 from vmflab.cluster.view import ClusterView, OpResult, parse_crm_mon, parse_op_history
-from vmflab.cluster.vm import NodeVm, processes_in
+from vmflab.cluster.vm import NodeVm
 from vmflab.control import LabError
+from vmflab.nsproc import processes_in
 
 T = TypeVar("T")
 SUBNET = "192.0.2."  # TEST-NET-1: routed nowhere, and here only inside the cluster's namespaces

@@ -12,7 +12,6 @@ import contextlib
 import grp
 import os
 import pwd
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmflab.cluster.config import NodeSpec
-from vmflab.cluster.vm import pid_namespace, processes_in
-from vmflab.control import InitControl, LabError
+from vmflab.control import LabError
+from vmflab.nsproc import GONE_TIMEOUT_S, NamespaceProcess, processes_in
 
 INIT_SCRIPT = Path(__file__).with_name("init.py")
 BRIDGE = "br0"
@@ -29,7 +28,6 @@ PREFIX_LEN = 24
 MAX_IFNAME = 15
 BOOT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 40.0
-GONE_TIMEOUT_S = 10.0
 NODE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "HOME": "/root"}
 
 
@@ -168,7 +166,7 @@ class Switch:
         self._proc = None
 
 
-class Machine:
+class Machine(NamespaceProcess):
     """One boot of node ``spec``, bound to the VM process behind ``vm_pidfd``."""
 
     def __init__(
@@ -180,15 +178,12 @@ class Machine:
         boot: int,
         python_dir: Path | None = None,
     ) -> None:
+        NamespaceProcess.__init__(self, spec.name, dirs.root / "init.err")
         self.spec = spec
         self.python_dir = python_dir
         self.dirs = dirs
         self.boot_number = boot
         self._switch = switch
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._control: InitControl | None = None
-        self.init_pid: int | None = None
-        self.pid_ns: int | None = None
 
     @property
     def init_log(self) -> Path:
@@ -196,66 +191,45 @@ class Machine:
 
     @property
     def init_err(self) -> Path:
-        return self.dirs.root / "init.err"
+        return self._err_file
 
     def boot(self, vm_pidfd: int, timeout: float = BOOT_TIMEOUT_S) -> None:
         """Namespaces and mounts, network, then corosync and pacemakerd (the join is not
         waited for here). Raises LabError, leaving whatever started for ``close``."""
         dirs = self.dirs
-        with self.init_err.open("ab") as err:
-            self._proc = subprocess.Popen(
-                [
-                    *("unshare", "--pid", "--fork", "--kill-child", "--mount-proc"),
-                    *("--mount", "--uts", "--net", "--propagation", "private", "--"),
-                    *(sys.executable, "-I", "-S", str(INIT_SCRIPT)),
-                    *("--hostname", self.spec.name, "--vm-pidfd", str(vm_pidfd)),
-                    *("--lib-dir", str(dirs.lib), "--log-dir", str(dirs.log)),
-                    *("--corosync-lib", str(dirs.corosync_lib)),
-                    *("--corosync-etc", str(dirs.corosync_etc), "--sbin-dir", str(dirs.sbin)),
-                    *("--log", str(self.init_log), "--stack-log", str(dirs.log / "stack.log")),
-                    *(["--python-dir", str(self.python_dir)] if self.python_dir else []),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                pass_fds=(vm_pidfd,),
-            )
-        self._control = InitControl(self._proc, host=self.spec.name, err_file=self.init_err)
-        self._expect(self._control.read_reply(timeout), "ready")
-        self.init_pid = self._find_init_pid()
-        self.pid_ns = pid_namespace(self.init_pid)
-        if self.pid_ns is None:
-            raise LabError("the init vanished during boot", host=self.spec.name)
+        control = self._launch(
+            [
+                *(sys.executable, "-I", "-S", str(INIT_SCRIPT)),
+                *("--hostname", self.spec.name, "--vm-pidfd", str(vm_pidfd)),
+                *("--lib-dir", str(dirs.lib), "--log-dir", str(dirs.log)),
+                *("--corosync-lib", str(dirs.corosync_lib)),
+                *("--corosync-etc", str(dirs.corosync_etc), "--sbin-dir", str(dirs.sbin)),
+                *("--log", str(self.init_log), "--stack-log", str(dirs.log / "stack.log")),
+                *(["--python-dir", str(self.python_dir)] if self.python_dir else []),
+            ],
+            uts_net=True,
+            pass_fds=(vm_pidfd,),
+        )
+        self._expect(control.read_reply(timeout), "ready")
+        init_pid = self._found_init()
         # Interface names are at most 15 bytes; each boot gets a new one (the old pair may
         # linger a moment while the kernel destroys the previous network namespace).
         port = f"n{self.spec.nodeid}b{self.boot_number}"
         if len(port) > MAX_IFNAME:
-            raise LabError(f"interface name {port!r} too long", host=self.spec.name)
-        self._switch.attach(self.init_pid, port, self.spec.address)
-        self._expect(self._control.request("start", timeout), "started")
+            raise LabError(f"interface name {port!r} too long", host=self.name)
+        self._switch.attach(init_pid, port, self.spec.address)
+        self._expect(control.request("start", timeout), "started")
 
     def _expect(self, answer: str, wanted: str) -> None:
         if answer != wanted:
-            raise LabError(f"init answered {answer!r} instead of {wanted!r}", host=self.spec.name)
-
-    def _find_init_pid(self) -> int:
-        proc = self._require_proc()
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        if len(children) != 1:
-            raise LabError(f"unshare {proc.pid} has children {children}", host=self.spec.name)
-        return int(children[0])
-
-    def _require_proc(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            raise LabError("machine not booted", host=self.spec.name)
-        return self._proc
+            raise LabError(f"init answered {answer!r} instead of {wanted!r}", host=self.name)
 
     def run(
         self, argv: list[str], *, timeout: float = 60, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """Runs ``argv`` inside the machine (all its namespaces, PID one included)."""
         if self.init_pid is None:
-            raise LabError("machine not booted", host=self.spec.name)
+            raise LabError("machine not booted", host=self.name)
         result = subprocess.run(
             ["nsenter", "-t", str(self.init_pid), "-m", "-u", "-n", "-p", "--", *argv],
             env=NODE_ENV,
@@ -269,7 +243,7 @@ class Machine:
         if check and result.returncode != 0:
             raise LabError(
                 f"{' '.join(argv)} exited {result.returncode}: {result.stdout}{result.stderr}",
-                host=self.spec.name,
+                host=self.name,
             )
         return result
 
@@ -279,18 +253,7 @@ class Machine:
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Stops pacemakerd (which leaves the cluster cleanly), then corosync."""
-        if self._control is None:
-            raise LabError("machine not booted", host=self.spec.name)
-        self._expect(self._control.request("stop", timeout), "stopped")
-
-    def open_pidfd(self) -> int | None:
-        """A pidfd readable once the machine has ended (None if it never started or is reaped)."""
-        if self._proc is None:
-            return None
-        try:
-            return os.pidfd_open(self._proc.pid)
-        except ProcessLookupError:
-            return None
+        self._expect(self._request("stop", timeout), "stopped")
 
     def diagnosis(self, size: int = 1500) -> str:
         """The end of the init's log and error output."""
@@ -300,43 +263,13 @@ class Machine:
                 texts.append(path.read_text(errors="replace")[-size:].strip())
         return " | ".join(t for t in texts if t) or "no output"
 
-    def kill(self) -> None:
-        """SIGKILL of the init: the kernel kills every process of the machine."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        target = self.init_pid
-        if target is None:
-            with contextlib.suppress(LabError, OSError, ValueError):
-                target = self._find_init_pid()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(target if target is not None else proc.pid, signal.SIGKILL)
-
-    def wait(self, timeout: float) -> bool:
-        """Waits until the init has exited; True if it did."""
-        proc = self._proc
-        if proc is None:
-            return True
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
-
     def close(self) -> None:
         """Kills the machine if it still runs and waits until none of its processes is left."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return
-        self.kill()
-        if not self.wait(GONE_TIMEOUT_S):
-            proc.kill()  # --kill-child: the init follows unshare
-            proc.wait(GONE_TIMEOUT_S)
-        if self._control is not None:
-            self._control.close()
-            self._control = None
+        NamespaceProcess.close(self)
         deadline = time.monotonic() + GONE_TIMEOUT_S
         while left := self.processes():
             if time.monotonic() > deadline:
-                raise LabError(f"processes survive the machine: {left}", host=self.spec.name)
+                raise LabError(f"processes survive the machine: {left}", host=self.name)
             time.sleep(0.01)

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmflab.cluster.config import NodeSpec
-from vmflab.cluster.machine import GONE_TIMEOUT_S, Machine, NodeDirs
+from vmflab.cluster.machine import Machine, NodeDirs
 from vmflab.cluster.vm import NodeVm
 from vmflab.control import LabError
+from vmflab.nsproc import GONE_TIMEOUT_S
 
 REBOOT_WAIT_S = 60.0
 REBOOT_POLL_S = 0.25  # each look runs crm_mon and stonith_admin on a survivor

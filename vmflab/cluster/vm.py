@@ -48,26 +48,6 @@ def is_alive(pid: int) -> bool:
     return proc_state(pid) not in (None, "Z", "X", "x")
 
 
-def pid_namespace(pid: int) -> int | None:
-    """Inode of the PID namespace of ``pid``, None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/ns/pid").stat().st_ino
-    except OSError:
-        return None
-
-
-def processes_in(namespaces: set[int]) -> dict[int, str]:
-    """Every process (PID -> command name) whose PID namespace is one of ``namespaces``."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if (entry / "ns" / "pid").stat().st_ino in namespaces:
-                found[int(entry.name)] = (entry / "comm").read_text().strip()
-    return found
-
-
 class EsxiLabVm:
     """A VM of the ESXi lab (``vmflab.Lab``): its process is the ``/bin/vmx`` of its .vmx."""
 
