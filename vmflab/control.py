@@ -1,4 +1,4 @@
-"""The lab's errors and its line protocol with each host's init (see ``vmflab/init.py``)."""
+"""The lab's errors and its line protocol with each host's init (see ``vmflab.pid1.core``)."""
 
 from __future__ import annotations
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import shlex
-import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import ClassVar
 
 from vmflab.control import LabError, SshCommandError
+from vmflab.pid1.esxi import EsxiInit
 from vmflab.sshd import SshdHost, SshSettings
 from vmflab.vmfs import NS_VOLUMES, HostFiles, vmx_text
 from vmflab.vmlist import RunningVm, parse_vm_list, parse_vmdumper, vm_name_of
 
 __all__ = ["LabHost", "RunningVm"]
 
-INIT_SCRIPT = Path(__file__).with_name("init.py")
 MAX_WORLD_OFFSET = 1_000_000
 
 
@@ -53,33 +51,18 @@ class LabHost(SshdHost):
     # ----------------------------------------------------------------- lifecycle
     def launch(self) -> None:
         """Starts the namespace and its init and asks for sshd; ``wait_ready`` completes it."""
-        self._launch_sshd(self._init_command())
+        files = self.files
+        self._launch_sshd(
+            EsxiInit,
+            [
+                *("--vmfs", str(files.vmfs), "--ctl", files.ns_ctl, "--run-dir", files.ns_run),
+                *("--usrlib-upper", str(files.usrlib_upper)),
+                *("--usrlib-work", str(files.usrlib_work)),
+            ],
+        )
 
     def prepare_kind(self) -> None:
         """Adjusts the host's files for its kind once they exist (ESXi: nothing to do)."""
-
-    def _init_command(self) -> list[str]:
-        files = self.files
-        return [
-            sys.executable,
-            "-I",
-            "-S",
-            str(INIT_SCRIPT),
-            "--vmfs",
-            str(files.vmfs),
-            "--sshd-config",
-            str(files.sshd_config),
-            "--log",
-            str(files.log),
-            "--ctl",
-            files.ns_ctl,
-            "--run-dir",
-            files.ns_run,
-            "--usrlib-upper",
-            str(files.usrlib_upper),
-            "--usrlib-work",
-            str(files.usrlib_work),
-        ]
 
     # ---------------------------------------------------------------------- VMs
     def create_vm(

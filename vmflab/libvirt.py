@@ -1,8 +1,9 @@
 """One lab libvirt (KVM) host: a PID + mount namespace with its own virtlogd, libvirtd, sshd and
 real qemu VMs (``machine='microvm'`` domains of 32 MiB without disk or network).
 
-The host's PID 1 is ``vmflab/libvirt_init.py``. Everything about VMs goes through SSH as root
-(``virsh`` against qemu:///system, /proc); only ``spawn``, sshd control and teardown use the init.
+The host's PID 1 is the lab's PID-1 program with its libvirt layer (``vmflab.pid1.libvirt``).
+Everything about VMs goes through SSH as root (``virsh`` against qemu:///system, /proc); only
+``spawn``, sshd control and teardown use the init.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import ClassVar
 
 from vmflab.control import LabError, SshCommandError
 from vmflab.libvirt_files import LibvirtFiles, check_domain_name, pid_file_name
+from vmflab.pid1.libvirt import LibvirtInit
 from vmflab.sshd import START_TIMEOUT_S, SshdHost, SshSettings
 
 # The first libvirtd ever started probes qemu's capabilities (about 12 s here, more when busy).
@@ -82,11 +84,7 @@ class LibvirtHost(SshdHost):
         """Starts the namespace, its init (which starts libvirt) and asks for sshd."""
         self._caps_dir.mkdir(parents=True, exist_ok=True)
         self._launch_sshd(
-            [
-                *(sys.executable, "-m", "vmflab.libvirt_init"),
-                *("--root", str(self.files.root), "--caps", str(self._caps_dir)),
-                *("--sshd-config", str(self.files.sshd_config), "--log", str(self.files.log)),
-            ]
+            LibvirtInit, ["--root", str(self.files.root), "--caps", str(self._caps_dir)]
         )
 
     def wait_ready(

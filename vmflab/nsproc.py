@@ -1,7 +1,8 @@
 """A lab host seen from outside: ``unshare`` around the host's PID 1, the control pipe to it,
 its PID namespace, and its teardown by PID.
 
-Every lab host kind (ESXi, esx-classic, libvirt) and every cluster node machine is one of these.
+Every lab host kind (ESXi, esx-classic, libvirt) and every cluster node machine is one of these;
+the PID-1 program inside is ``vmflab.pid1.core`` with the kind's layer.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from vmflab.control import InitControl, LabError
+from vmflab.pid1.core import BOOT, Init
 
 REQUEST_TIMEOUT_S = 10.0
 GONE_TIMEOUT_S = 10.0
@@ -57,6 +60,13 @@ def processes_in(namespaces: set[int]) -> dict[int, str]:
     return found
 
 
+def pid1_command(kind: type[Init], args: Sequence[str]) -> list[str]:
+    """The command line of the lab's PID 1 with the layer ``kind``: the package is found by
+    path, as ``-I -S`` leave the working directory and site-packages out of ``sys.path``."""
+    where = f"{kind.__module__}:{kind.__qualname__}"
+    return [sys.executable, "-I", "-S", "-c", BOOT, str(PACKAGE_PARENT), where, *args]
+
+
 def check_pid(pid: int) -> None:
     if not 2 <= pid < MAX_PID:
         raise LabError(f"PID {pid} outside 2..{MAX_PID - 1}")
@@ -76,9 +86,15 @@ class NamespaceProcess:
         self._pid_ns: int | None = None
 
     def _launch(
-        self, command: Sequence[str], *, uts_net: bool = False, pass_fds: Sequence[int] = ()
+        self,
+        kind: type[Init],
+        args: Sequence[str],
+        *,
+        uts_net: bool = False,
+        pass_fds: Sequence[int] = (),
     ) -> InitControl:
-        """Starts ``command`` as PID 1 (``uts_net``: with its own hostname and network too)."""
+        """Starts the lab's PID 1 with the layer ``kind`` and its ``args`` (``uts_net``: with
+        a hostname and network of its own too)."""
         if self._proc is not None:
             raise LabError("host already launched", host=self.name)
         unshare = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount"]
@@ -86,13 +102,12 @@ class NamespaceProcess:
             unshare += ["--uts", "--net"]
         with self._err_file.open("ab") as err:
             self._proc = subprocess.Popen(
-                [*unshare, "--propagation", "private", "--", *command],
+                [*unshare, "--propagation", "private", "--", *pid1_command(kind, args)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
                 close_fds=True,
                 pass_fds=tuple(pass_fds),
-                cwd=PACKAGE_PARENT,  # vmflab importable by ``-m`` even when not installed
             )
         self._control = InitControl(self._proc, host=self.name, err_file=self._err_file)
         return self._control

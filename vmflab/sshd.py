@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from vmflab.control import LabError, SshCommandError
 from vmflab.nsproc import NamespaceProcess
+from vmflab.pid1.core import Init
 
 START_TIMEOUT_S = 10.0
 SSHD_PORT_RETRIES = 3
@@ -174,10 +175,13 @@ class SshdHost(NamespaceProcess):
             listen[0], self.port, listen[1:] + self.fallback_addresses
         )
 
-    def _launch_sshd(self, command: Sequence[str]) -> None:
-        """Starts the host's init (``command``) and asks for sshd; ``wait_ready`` waits."""
+    def _launch_sshd(self, kind: type[Init], args: Sequence[str]) -> None:
+        """Starts the host's init (layer ``kind``, its ``args``) and asks for sshd;
+        ``wait_ready`` waits."""
         self._write_sshd_config()
-        self._launch(command).send("start-sshd")
+        files = self._sshd_files
+        common = ["--log", str(files.log), "--sshd-config", str(files.sshd_config)]
+        self._launch(kind, [*common, *args]).send("start-sshd")
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         """Waits until sshd listens; picks another port if the chosen one was taken meanwhile."""

@@ -1,8 +1,9 @@
 """One boot of a cluster node (a "machine"), and the switch that links the machines.
 
-A machine is ``unshare --pid --mount --uts --net`` around ``vmflab/cluster/init.py`` (PID 1),
-bound to one process of the node's VM. Its network is a veth pair whose other end is a port of
-a bridge in the switch's network namespace; the addresses exist only inside those namespaces.
+A machine is ``unshare --pid --mount --uts --net`` around the lab's PID 1 with the node layer
+(``vmflab.cluster.pid1``), bound to one process of the node's VM. Its network is a veth pair
+whose other end is a port of a bridge in the switch's network namespace; the addresses exist
+only inside those namespaces.
 Everything is torn down by PID: SIGKILL of a machine's init kills its whole PID namespace.
 """
 
@@ -13,16 +14,15 @@ import grp
 import os
 import pwd
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmflab.cluster.config import NodeSpec
+from vmflab.cluster.config import NODE_PYTHON_DIR, NodeSpec
+from vmflab.cluster.pid1 import NodeInit
 from vmflab.control import LabError
 from vmflab.nsproc import GONE_TIMEOUT_S, NamespaceProcess, processes_in
 
-INIT_SCRIPT = Path(__file__).with_name("init.py")
 BRIDGE = "br0"
 PREFIX_LEN = 24
 MAX_IFNAME = 15
@@ -197,15 +197,16 @@ class Machine(NamespaceProcess):
         """Namespaces and mounts, network, then corosync and pacemakerd (the join is not
         waited for here). Raises LabError, leaving whatever started for ``close``."""
         dirs = self.dirs
+        python = ["--python-dir", str(self.python_dir), "--python-mount", NODE_PYTHON_DIR]
         control = self._launch(
+            NodeInit,
             [
-                *(sys.executable, "-I", "-S", str(INIT_SCRIPT)),
                 *("--hostname", self.spec.name, "--vm-pidfd", str(vm_pidfd)),
                 *("--lib-dir", str(dirs.lib), "--log-dir", str(dirs.log)),
                 *("--corosync-lib", str(dirs.corosync_lib)),
                 *("--corosync-etc", str(dirs.corosync_etc), "--sbin-dir", str(dirs.sbin)),
                 *("--log", str(self.init_log), "--stack-log", str(dirs.log / "stack.log")),
-                *(["--python-dir", str(self.python_dir)] if self.python_dir else []),
+                *(python if self.python_dir else []),
             ],
             uts_net=True,
             pass_fds=(vm_pidfd,),
