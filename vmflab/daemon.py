@@ -13,10 +13,10 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from vmflab.lab import Lab
+from vmflab.lifecycle import Started
 
 
 def toml_value(value: Any) -> str:
@@ -76,7 +76,7 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-class LabDaemon:
+class LabDaemon(Started):
     """`python -m vmfenced.daemon` against a lab; start() returns once it sent READY=1."""
 
     def __init__(self, lab: Lab, **config: Any) -> None:
@@ -192,14 +192,3 @@ class LabDaemon:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> LabDaemon:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

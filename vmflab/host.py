@@ -5,11 +5,11 @@ from __future__ import annotations
 import shlex
 import threading
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Unpack
 
 from vmflab.control import LabError, SshCommandError
 from vmflab.pid1.esxi import EsxiInit
-from vmflab.sshd import SshdHost, SshSettings
+from vmflab.sshd import SshdHost, SshdHostArgs
 from vmflab.vmfs import NS_VOLUMES, HostFiles, vmx_text
 from vmflab.vmlist import RunningVm, parse_vm_list, parse_vmdumper, vm_name_of
 
@@ -26,23 +26,11 @@ class LabHost(SshdHost):
     def __init__(
         self,
         *,
-        name: str,
-        address: str,
-        port: int,
         files: HostFiles,
-        ssh_settings: SshSettings,
-        pick_port: Callable[[str], int],
         on_key_change: Callable[[], None],
+        **common: Unpack[SshdHostArgs],
     ) -> None:
-        SshdHost.__init__(
-            self,
-            name=name,
-            address=address,
-            port=port,
-            files=files,
-            ssh_settings=ssh_settings,
-            pick_port=pick_port,
-        )
+        SshdHost.__init__(self, files=files, **common)
         self.files = files
         self._on_key_change = on_key_change
         self._vms: dict[str, str] = {}

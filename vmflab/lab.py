@@ -14,13 +14,13 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 
 from vmflab.classic import EsxClassicHost
 from vmflab.control import LabError
 from vmflab.host import LabHost
 from vmflab.libvirt import LibvirtHost, kvm_usable, start_hosts
 from vmflab.libvirt_files import LibvirtFiles
+from vmflab.lifecycle import Started
 from vmflab.sshd import SshSettings
 from vmflab.vmfs import HostFiles
 
@@ -116,7 +116,7 @@ def free_port(address: str) -> int:
         return port
 
 
-class Lab:
+class Lab(Started):
     """Context manager; leaving it always tears every host down by PID."""
 
     def __init__(
@@ -167,18 +167,6 @@ class Lab:
     def _check_host_name(self, name: str) -> None:
         if not HOST_NAME.match(name):
             raise LabError(f"invalid host name {name!r} (lowercase letters, digits, '-')")
-
-    def __enter__(self) -> Lab:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> None:
         """Starts every host; on failure everything started is torn down before raising."""

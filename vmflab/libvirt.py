@@ -13,14 +13,14 @@ import shlex
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Unpack
 
 from vmflab.control import LabError, SshCommandError
 from vmflab.libvirt_files import LibvirtFiles, check_domain_name, pid_file_name
 from vmflab.pid1.libvirt import LibvirtInit
-from vmflab.sshd import START_TIMEOUT_S, SshdHost, SshSettings
+from vmflab.sshd import START_TIMEOUT_S, SshdHost, SshdHostArgs
 
 # The first libvirtd ever started probes qemu's capabilities (about 12 s here, more when busy).
 LIBVIRTD_TIMEOUT_S = 120.0
@@ -48,26 +48,9 @@ class LibvirtHost(SshdHost):
     ssh_timeout_s: ClassVar[float] = 30.0
 
     def __init__(
-        self,
-        *,
-        name: str,
-        address: str,
-        port: int,
-        files: LibvirtFiles,
-        caps_dir: Path,
-        kvm: bool,
-        ssh_settings: SshSettings,
-        pick_port: Callable[[str], int],
+        self, *, files: LibvirtFiles, caps_dir: Path, kvm: bool, **common: Unpack[SshdHostArgs]
     ) -> None:
-        SshdHost.__init__(
-            self,
-            name=name,
-            address=address,
-            port=port,
-            files=files,
-            ssh_settings=ssh_settings,
-            pick_port=pick_port,
-        )
+        SshdHost.__init__(self, files=files, **common)
         self.files = files
         self.kvm = kvm
         self.libvirtd_start_s: float | None = None

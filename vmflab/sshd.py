@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 from vmflab.control import LabError, SshCommandError
 from vmflab.nsproc import NamespaceProcess
@@ -136,6 +136,16 @@ class SshdFiles:
             return self.log.read_text(errors="replace")[-size:]
         except OSError:
             return ""
+
+
+class SshdHostArgs(TypedDict):
+    """What every kind of ``SshdHost`` is made with, besides its files."""
+
+    name: str
+    address: str
+    port: int
+    ssh_settings: SshSettings
+    pick_port: Callable[[str], int]
 
 
 class SshdHost(NamespaceProcess):

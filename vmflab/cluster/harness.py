@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import TypeVar
 
 from vmflab.cluster.config import NodeSpec, cib_xml, corosync_conf, stonith_primitive
@@ -34,6 +33,7 @@ from vmflab.cluster.node import Life, NodeSupervisor
 from vmflab.cluster.view import ClusterView, OpResult, parse_crm_mon, parse_op_history
 from vmflab.cluster.vm import NodeVm
 from vmflab.control import LabError
+from vmflab.lifecycle import Started
 from vmflab.nsproc import processes_in
 
 T = TypeVar("T")
@@ -47,7 +47,7 @@ DEFAULT_PROPERTIES = {
 }
 
 
-class Cluster:
+class Cluster(Started):
     """Context manager; ``start`` returns once every node is online and a DC is elected."""
 
     def __init__(
@@ -84,18 +84,6 @@ class Cluster:
         self.start_seconds: float | None = None  # from the first boot to every node online
 
     # --------------------------------------------------------------- lifecycle
-    def __enter__(self) -> Cluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(graceful=exc_type is None)
-
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Writes each node's files, starts the switch and the node supervisors, and waits
         until every node whose VM runs is online. On failure everything is torn down."""
@@ -135,6 +123,9 @@ class Cluster:
             return Machine(spec, dirs, self._switch, boot=boot, python_dir=self._python_dir)
 
         return new_machine
+
+    def closing(self, *, ok: bool) -> None:
+        self.close(graceful=ok)
 
     def close(self, *, graceful: bool = True) -> None:
         """Stops pacemaker and corosync cleanly if asked (bounded), then kills every machine by

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmflab.cluster.config import NodeSpec
 from vmflab.cluster.machine import Machine, NodeDirs
@@ -40,37 +40,31 @@ class Life:
     error: str | None = None
 
 
+@dataclass(eq=False)
 class NodeSupervisor:
-    """Boots ``spec`` on every new process of ``vm``; ``changed`` is notified on every event."""
+    """Boots ``spec`` on every new process of ``vm``; ``changed`` is notified on every event.
 
-    def __init__(
-        self,
-        spec: NodeSpec,
-        dirs: NodeDirs,
-        vm: NodeVm,
-        new_machine: Callable[[int], Machine],
-        changed: threading.Condition,
-        *,
-        may_reboot: Callable[[], bool] = lambda: True,
-    ) -> None:
-        """``new_machine(n)`` makes the (unbooted) machine of the node's n-th boot;
-        ``may_reboot()`` tells when a node that ran before may boot again."""
-        self.spec = spec
-        self.dirs = dirs
-        self.vm = vm
-        self._new_machine = new_machine
-        self._may_reboot = may_reboot
-        self._changed = changed
-        self._lives: list[Life] = []
-        self._machine: Machine | None = None
-        self._dead: set[int] = set()
-        self._boots = 0
-        self._namespaces: set[int] = set()
-        self.failure: str | None = None
-        self._stopping = threading.Event()
+    ``new_machine(n)`` makes the (unbooted) machine of the node's n-th boot; ``may_reboot()``
+    tells when a node that ran before may boot again."""
+
+    spec: NodeSpec
+    dirs: NodeDirs
+    vm: NodeVm
+    new_machine: Callable[[int], Machine]
+    changed: threading.Condition
+    may_reboot: Callable[[], bool] = field(default=lambda: True, kw_only=True)
+    failure: str | None = field(default=None, init=False)
+    _lives: list[Life] = field(default_factory=list, init=False)
+    _machine: Machine | None = field(default=None, init=False)
+    _dead: set[int] = field(default_factory=set, init=False)
+    _boots: int = field(default=0, init=False)
+    _namespaces: set[int] = field(default_factory=set, init=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+
+    def __post_init__(self) -> None:
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(
-            target=self._run, name=f"vmflab-node-{spec.name}", daemon=True
+            target=self._run, name=f"vmflab-node-{self.spec.name}", daemon=True
         )
 
     # ------------------------------------------------------------------ public
@@ -92,19 +86,19 @@ class NodeSupervisor:
 
     @property
     def lives(self) -> list[Life]:
-        with self._changed:
+        with self.changed:
             return [Life(**vars(life)) for life in self._lives]
 
     @property
     def machine(self) -> Machine | None:
         """The machine of the current life, once booted and while the VM runs."""
-        with self._changed:
+        with self.changed:
             return self._machine
 
     @property
     def namespaces(self) -> set[int]:
         """PID namespaces of every machine this node ever booted (for leak checks)."""
-        with self._changed:
+        with self.changed:
             return set(self._namespaces)
 
     # ------------------------------------------------------------------ thread
@@ -116,9 +110,9 @@ class NodeSupervisor:
                     return
                 self._live(pid)
         except Exception as exc:
-            with self._changed:
+            with self.changed:
                 self.failure = f"{type(exc).__name__}: {exc}"
-                self._changed.notify_all()
+                self.changed.notify_all()
 
     def _wait_for_vm(self) -> int | None:
         while not self._stopping.is_set():
@@ -141,19 +135,19 @@ class NodeSupervisor:
             if self._boots and not self._boot_allowed(pidfd):
                 return
             self._boots += 1
-            machine = self._new_machine(self._boots)
+            machine = self.new_machine(self._boots)
             life = Life(vm_pid=pid, seen=time.monotonic())
-            with self._changed:
+            with self.changed:
                 self._lives.append(life)
             try:
                 self._boot(machine, pidfd, life)
                 self._wait_for_death(machine, pidfd, life)
             finally:
-                with self._changed:
+                with self.changed:
                     self._machine = None
                 machine.close()
-                with self._changed:
-                    self._changed.notify_all()
+                with self.changed:
+                    self.changed.notify_all()
         finally:
             os.close(pidfd)
 
@@ -161,7 +155,7 @@ class NodeSupervisor:
         """Waits (like a VM's firmware and boot loader) until the cluster has finished with
         the node's previous life; False if the VM died meanwhile or the lab stops."""
         deadline = time.monotonic() + REBOOT_WAIT_S
-        while not self._may_reboot():
+        while not self.may_reboot():
             if self._stopping.is_set() or readable(pidfd):
                 return False
             if time.monotonic() > deadline:
@@ -176,7 +170,7 @@ class NodeSupervisor:
             error: str | None = str(exc)
         else:
             error = None
-        with self._changed:
+        with self.changed:
             if machine.pid_ns is not None:
                 self._namespaces.add(machine.pid_ns)
             if error is None:
@@ -184,7 +178,7 @@ class NodeSupervisor:
                 self._machine = machine
             elif not readable(pidfd):  # a VM that died during the boot is no boot failure
                 life.error = error
-            self._changed.notify_all()
+            self.changed.notify_all()
 
     def _wait_for_death(self, machine: Machine, pidfd: int, life: Life) -> None:
         machine_fd = machine.open_pidfd()
@@ -198,19 +192,19 @@ class NodeSupervisor:
                     return
                 # The machine ended on its own while its VM runs: a broken lab, say so.
                 watched.remove(ready[0])
-                with self._changed:
+                with self.changed:
                     life.error = f"the machine ended while its VM runs: {machine.diagnosis()}"
                     self._machine = None
-                    self._changed.notify_all()
+                    self.changed.notify_all()
         finally:
             if machine_fd is not None:
                 os.close(machine_fd)
         died = time.monotonic()
         self._dead.add(life.vm_pid)
-        with self._changed:
+        with self.changed:
             life.died = died
             self._machine = None
-            self._changed.notify_all()
+            self.changed.notify_all()
         # The machine's init saw it too and is ending the machine; close() makes sure.
         machine.wait(GONE_TIMEOUT_S)
 
