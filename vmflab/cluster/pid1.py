@@ -32,15 +32,14 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from vmflab.pid1.core import (
+from vmflab.pid1.core import HostEnds, Init
+from vmflab.pid1.system import (
     ENV,
     MS_BIND,
     MS_NODEV,
     MS_NOSUID,
     MS_RDONLY,
     MS_REMOUNT,
-    HostEnds,
-    Init,
     InitError,
     libc_call,
     mount,

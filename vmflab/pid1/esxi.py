@@ -18,7 +18,8 @@ import stat
 from pathlib import Path
 from typing import TextIO
 
-from vmflab.pid1.core import MS_BIND, MS_REC, Init, InitError, mount, set_next_pid, split_lines
+from vmflab.pid1.core import Init, split_lines
+from vmflab.pid1.system import MS_BIND, MS_REC, InitError, mount, set_next_pid
 
 
 class EsxiInit(Init):

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from vmflab.pid1.core import ENV, MS_BIND, MS_REC, Init, InitError, mount, spawn
+from vmflab.pid1.core import Init
+from vmflab.pid1.system import ENV, MS_BIND, MS_REC, InitError, mount, spawn
 
 VIRSH_PROBE = ["virsh", "-c", "qemu:///system", "version"]
 PROBE_INTERVAL_S = 0.05
