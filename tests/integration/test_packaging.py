@@ -3,6 +3,7 @@ entry points run; the agent works through a /usr/sbin-style symlink, as Pacemake
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ TREES = ["vmfenced", "vmflab", "systemd", "config", "docs"]
 
 
 def run(*argv: str | Path, cwd: Path | None = None) -> str:
+    # A PYTHONPATH (a work tree's) would shadow the wheel installed in the test's venv.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [str(a) for a in argv],
         capture_output=True,
@@ -29,6 +32,7 @@ def run(*argv: str | Path, cwd: Path | None = None) -> str:
         timeout=300,
         check=False,
         cwd=cwd,
+        env=env,
     )
     assert result.returncode == 0, f"{argv}:\n{result.stdout}\n{result.stderr}"
     return result.stdout

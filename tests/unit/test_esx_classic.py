@@ -29,8 +29,12 @@ OPTS = (
     "-ssched.group=host/user -# product=2;name=VMware ESX Server;version=3.5.0;"
     "buildnumber=64607 -@ pipe=/tmp/vmhsdaemon-0/vmx22;readyEvent=44"
 )
+# The lab PID 1's bootstrap, as its argv shows it.
+PID1_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from vmflab.pid1.core import boot; boot()"
+)
 # `ps -e -ww -o pid=,args=` on a lab esx-classic host (procps-ng 4.0.2), argv as on ESX 3.5.
-PS_OUTPUT = f"""      1 /usr/bin/python3 -I -S /work/main/vmflab/init.py --vmfs /tmp/lab/vmfs
+PS_OUTPUT = f"""      1 /usr/bin/python3 -I -S -c {PID1_BOOT} /work/main vmflab.pid1.esxi:EsxiInit --vmfs /tmp/lab/vmfs
       2 sshd: /usr/sbin/sshd -D -e -f /tmp/lab/sshd_config [listener] 0 of 100-200 startups
      22 {VMX} {OPTS} /vmfs/volumes/ds1/node 1/node 1.vmx
      51 {VMX} {OPTS} /vmfs/volumes/ds1/node10/node10.vmx
