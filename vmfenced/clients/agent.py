@@ -261,7 +261,7 @@ def run(
 def main() -> None:
     # fd 0 may be closed when started by hand from odd places: read nothing then.
     stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
-    exit_with(lambda: run(sys.argv[1:], stdin, sys.stdout, sys.stderr))
+    exit_with(lambda: run(sys.argv[1:], stdin, sys.stdout, sys.stderr), EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -404,7 +404,7 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO, *, clock: Clock = t
 
 
 def main() -> None:
-    exit_with(lambda: run(sys.argv[1:], sys.stdout, sys.stderr))
+    exit_with(lambda: run(sys.argv[1:], sys.stdout, sys.stderr), EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,9 @@ if TYPE_CHECKING:  # typing would cost every agent call its import time; only my
     from collections.abc import Callable
     from typing import NoReturn
 
-EXIT_FAILED = 1
 
-
-def exit_with(run: Callable[[], int]) -> NoReturn:
-    """Exit with `run()`'s code, flushing stdout first."""
+def exit_with(run: Callable[[], int], failed: int) -> NoReturn:
+    """Exit with `run()`'s code, flushing stdout first; `failed` if stdout was closed."""
     try:
         code = run()
         sys.stdout.flush()
@@ -22,5 +20,5 @@ def exit_with(run: Callable[[], int]) -> NoReturn:
         # `vmfencectl status | head`, `fence_vmfenced -o metadata | head`: stop quietly,
         # without a traceback at exit (stdout goes to /dev/null so the final flush succeeds).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_FAILED
+        code = failed
     sys.exit(code)

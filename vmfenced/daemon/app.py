@@ -24,7 +24,7 @@ from vmfenced.daemon.host import Host
 from vmfenced.daemon.hostset import STARTUP_HOSTS_AT_ONCE, HostSet
 from vmfenced.daemon.journal import FenceEntry, Journal
 from vmfenced.daemon.link import Lane
-from vmfenced.daemon.metrics import Metrics, MetricsServer
+from vmfenced.daemon.metrics import Metrics
 from vmfenced.daemon.notify import Notifier, watchdog_interval
 from vmfenced.daemon.reload import Reloader
 from vmfenced.daemon.reload_plan import load_keys
@@ -182,10 +182,7 @@ class Daemon:
             self.server.set_reserved_fds(reserved_fds(len(self.config.hosts)))
             await self.server.start()
             started = True
-            endpoint = self.config.metrics.endpoint()
-            if endpoint is not None:
-                self.reloads.metrics_server = MetricsServer(self.metrics, *endpoint)
-                await self.reloads.metrics_server.start()
+            await self.reloads.start_metrics()
         except StartupError as exc:
             self._log.error("cannot start", reason=str(exc))
             # Like every other startup error: one plain line on stderr, whatever the log format.
@@ -262,8 +259,7 @@ class Daemon:
             for fence in late:
                 fence.cancel()
         await self.server.close(grace=1.0)
-        if self.reloads.metrics_server is not None:
-            await self.reloads.metrics_server.close()
+        await self.reloads.close_metrics()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -64,6 +64,17 @@ class Reloader:
         task.add_done_callback(done)
         return task
 
+    async def start_metrics(self) -> None:
+        """Open the metrics listener the running config asks for, if any."""
+        endpoint = self.config.metrics.endpoint()
+        if endpoint is not None:
+            self.metrics_server = MetricsServer(self.metrics, *endpoint)
+            await self.metrics_server.start()
+
+    async def close_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+
     async def cancel(self) -> None:
         """Shutdown: reloads still waiting or swapping are abandoned (the config stays as was)."""
         for task in list(self._tasks):
