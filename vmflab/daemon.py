@@ -132,7 +132,7 @@ class LabDaemon(Started):
                             f"vmfenced exited {self.proc.returncode}:\n{self.log()}"
                         ) from None
                     continue
-                if "READY=1" in message.splitlines():
+                if "READY=1" in message.split("\n"):
                     self.ready_at = time.perf_counter()
                     return self
         except BaseException:

@@ -56,7 +56,7 @@ def processes_in(namespaces: set[int]) -> dict[int, str]:
     found = {}
     for pid in pids_in(namespaces):
         with contextlib.suppress(OSError):
-            found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            found[pid] = Path(f"/proc/{pid}/comm").read_text().removesuffix("\n")
     return found
 
 
@@ -211,14 +211,16 @@ class NamespaceProcess:
         proc = self._proc
         if proc is None:
             return
-        self.kill()
-        if not self.wait(GONE_TIMEOUT_S):
-            proc.kill()  # --kill-child: the init follows unshare
-            proc.wait(GONE_TIMEOUT_S)
-        if self._control is not None:
-            self._control.close()
-        self._control = None
-        self._proc = None
+        try:
+            self.kill()
+            if not self.wait(GONE_TIMEOUT_S):
+                proc.kill()  # --kill-child: the init follows unshare
+                proc.wait(GONE_TIMEOUT_S)
+        finally:
+            if self._control is not None:
+                self._control.close()
+            self._control = None
+            self._proc = None
 
     def _require_proc(self) -> subprocess.Popen[bytes]:
         if self._proc is None:

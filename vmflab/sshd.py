@@ -123,7 +123,12 @@ class SshdFiles:
 
     def new_host_key(self) -> None:
         proc = self.host_keygen()
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise LabError("ssh-keygen did not finish within 30 s") from None
         if proc.returncode != 0:
             raise LabError(f"ssh-keygen failed: {err.decode(errors='replace').strip()}")
 
@@ -207,6 +212,13 @@ class SshdHost(NamespaceProcess):
         self._found_init()
 
     def _check_sshd_answer(self, answer: str) -> None:
+        if answer.startswith("error "):
+            # The init's set-up failed before it read the request: not sshd's fault.
+            raise LabError(
+                f"the host's init failed: {answer.removeprefix('error ')}; its log ends with:\n"
+                f"{self._sshd_files.log_tail()}",
+                host=self.name,
+            )
         if answer != "ready":
             raise LabError(
                 f"sshd did not start ({answer}); its log ends with:\n{self._sshd_files.log_tail()}",

@@ -82,6 +82,8 @@ class NodeInit(Init):
 
     def set_up(self) -> None:
         args = self.args
+        # Passed to this init only: corosync, pacemakerd and the agents must not hold the VM.
+        os.set_inheritable(args.vm_pidfd, False)
         # Watched from the start: a VM that dies during set-up ends the boot.
         self.watch(args.vm_pidfd, lambda: "the VM's process is gone: power cut")
         mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")

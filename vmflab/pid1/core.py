@@ -92,8 +92,8 @@ class Init:
         self._log = log_file
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, str] = {}  # PID -> name, of the children whose exit counts
+        self.current: dict[str, int] = {}  # name -> PID of its latest start
         self.exits: dict[int, int] = {}
-        self.sshd: Sshd | None = None
         self.stopping = False
         self._stdin_buffer = b""
 
@@ -134,18 +134,22 @@ class Init:
         self.selector.register(fd, selectors.EVENT_READ, callback)
 
     def started(self, name: str, pid: int) -> None:
+        # The lab reuses PIDs on purpose: an exit recorded for an earlier owner of this PID
+        # is not this child's.
+        self.exits.pop(pid, None)
         self.children[pid] = name
+        self.current[name] = pid
         self.log(f"{name} {pid} started")
 
     def running(self, name: str) -> int | None:
         """PID of the last child called ``name``, if it has not exited."""
-        pids = [pid for pid, child in self.children.items() if child == name]
-        return pids[-1] if pids and pids[-1] not in self.exits else None
+        pid = self.current.get(name)
+        return pid if pid is not None and pid not in self.exits else None
 
     def exit_code(self, name: str) -> int | None:
         """Exit code of the last child called ``name``, if it has exited."""
-        pids = [pid for pid, child in self.children.items() if child == name]
-        return self.exits.get(pids[-1]) if pids else None
+        pid = self.current.get(name)
+        return None if pid is None else self.exits.get(pid)
 
     def reap(self) -> None:
         while True:
@@ -175,7 +179,7 @@ class Init:
             pid = spawn(argv, err_fd=write_fd, env=ENV)
         finally:
             os.close(write_fd)
-        sshd = self.sshd = Sshd(pid=pid, stderr_fd=read_fd)
+        sshd = Sshd(pid=pid, stderr_fd=read_fd)
         self.started("sshd", pid)
         self.watch(read_fd, lambda: self.on_sshd_output(sshd))
 

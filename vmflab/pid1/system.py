@@ -83,15 +83,19 @@ def set_next_pid(text: str) -> int:
     return pid
 
 
+# sshd, and the per-session programs of OpenSSH >= 9.8.
+SSHD_COMMS = frozenset({b"sshd", b"sshd-session", b"sshd-auth"})
+
+
 def sshd_pids() -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            comm = (entry / "comm").read_text(encoding="utf-8", errors="replace").strip()
+            comm = (entry / "comm").read_bytes().removesuffix(b"\n")
         except OSError:
             continue
-        if comm.startswith("sshd"):  # sshd, and sshd-session/sshd-auth of OpenSSH >= 9.8
+        if comm in SSHD_COMMS:
             found.append(int(entry.name))
     return found
