@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,8 +293,19 @@ def imported_modules(args: list[str], stdin: bytes = b"") -> tuple[int, str, set
     return proc.returncode, stderr, names
 
 
+def forbidden_packages() -> set[str]:
+    """The third-party packages the clients' import contract forbids (pyproject.toml)."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    contracts = config["tool"]["importlinter"]["contracts"]
+    (clients,) = [c for c in contracts if c["id"] == "clients"]
+    return {name for name in clients["forbidden_modules"] if not name.startswith("vmfenced")}
+
+
 def assert_stdlib_only(names: set[str]) -> None:
     assert "vmfenced" in names and "socket" in names
+    # Never loaded, even where a .pth file or sitecustomize would load it for everyone.
+    forbidden = forbidden_packages()
+    assert "pydantic" in forbidden and not names & forbidden, sorted(names & forbidden)
     # Whatever site and .pth files load in a bare interpreter is not ours to judge; `org` is
     # copy.py's probe for Jython, which the import log lists although it fails.
     baseline = imported_modules(["-c", "pass"])[2]

@@ -158,11 +158,12 @@ def check_hung_host(
     *,
     hung: tuple[AnyHost, str],
     well: tuple[AnyHost, str],
+    down_within_s: float | None = None,
     **settings: Any,
 ) -> None:
-    """Every process of the `hung` host SIGSTOPped, then thawed: the daemon sees it down, a fence
-    of its VM fails meanwhile; after the thaw, it is up again and a fence of `well`'s VM, on
-    another host, succeeds. `settings` go to the daemon's config."""
+    """Every process of the `hung` host SIGSTOPped, then thawed: the daemon sees it down (within
+    `down_within_s` if given), a fence of its VM fails meanwhile; after the thaw, it is up again and a
+    fence of `well`'s VM, on another host, succeeds. `settings` go to the daemon's config."""
     (host, vm), (other, other_vm) = hung, well
     ledger.start(other, other_vm)
     ledger.start(host, vm)
@@ -171,6 +172,8 @@ def check_hung_host(
             ledger.seconds = wait_until(lambda: daemon.host_state(host.name) == "down")
             ledger.target(host.name, vm)
             fence_failure(daemon, vm)
+        # Checked before the ledger writes its row: a slow detection never reads as a pass.
+        assert down_within_s is None or ledger.seconds < down_within_s, ledger.seconds
         fence_when_up(daemon, ledger, down=host.name, host=other.name, vm=other_vm)
     ledger.outcome = "down detected; fence on it failed; link back after thaw"
     ledger.check()

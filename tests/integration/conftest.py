@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 import pytest
 
 from tests.waiting import wait_for
+from vmfenced.clients.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 from vmflab.host import LabHost
@@ -97,16 +99,24 @@ def sshd_sessions(host: LabHost) -> set[int]:
 def run_client(
     module: str, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """A client (vmfenced.clients.agent, .ctl) in a new process, as Pacemaker or an admin
-    starts it."""
+    """A client (`agent` or `ctl` of vmfenced.clients, or a whole module name such as the old
+    `vmfenced.agent`) in a new process, as Pacemaker or an admin starts it."""
+    name = module if "." in module else f"vmfenced.clients.{module}"
     return subprocess.run(
-        [sys.executable, "-m", f"vmfenced.clients.{module}", *args],
+        [sys.executable, "-m", name, *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
+    """vmfencectl ARGV in this process against the lab's daemon: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = ctl_run(["--socket", str(daemon.socket), *argv], out, err)
+    return code, out.getvalue(), err.getvalue()
 
 
 def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:

@@ -31,9 +31,11 @@ def daemon(lab: Lab) -> Iterator[LabDaemon]:
         yield running
 
 
-def agent(daemon: LabDaemon | None, lines: str, socket: str | None = None) -> Run:
+def agent(
+    daemon: LabDaemon | None, lines: str, socket: str | None = None, module: str = "agent"
+) -> Run:
     path = socket or (str(daemon.socket) if daemon else "/nonexistent/vmfenced.sock")
-    done = run_client("agent", stdin=f"{lines}\nsocket={path}\n")
+    done = run_client(module, stdin=f"{lines}\nsocket={path}\n")
     return Run(done.returncode, done.stdout, done.stderr)
 
 
@@ -119,3 +121,14 @@ def test_vmfencectl_against_the_daemon(lab: Lab, daemon: LabDaemon) -> None:
     assert not lab.hosts["esx2"].pid_alive(victim)
     unknown = ctl(daemon, "fence", "nobody")
     assert unknown.code == 1 and "unknown_vm" in unknown.err
+
+
+def test_the_old_module_name_fences(lab: Lab, daemon: LabDaemon) -> None:
+    # Runbooks and hand-made wrappers that run `python3 -m vmfenced.agent` must still fence:
+    # a module that imported and exited 0 would tell Pacemaker the node is off.
+    victim = lab.hosts["esx2"].vm_pids()["gfs-node2"]
+    off = agent(daemon, "action=off\nplug=node2", module="vmfenced.agent")
+    assert (off.code, off.out) == (0, "Success: Powered OFF\n"), off
+    assert not lab.hosts["esx2"].pid_alive(victim)
+    status = agent(daemon, "action=status\nplug=node2", module="vmfenced.agent")
+    assert status.code == 2, status

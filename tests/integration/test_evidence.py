@@ -9,16 +9,13 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import fence
 from tests.waiting import wait_until
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
 from vmflab.procs import stopped
 
 pytestmark = pytest.mark.integration
-
-
-def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
-    return daemon.request({"op": "fence", "vm": vm, "action": action})
 
 
 def vm_status(daemon: LabDaemon, vm: str) -> dict[str, Any]:

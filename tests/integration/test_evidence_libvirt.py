@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import fence
 from tests.waiting import wait_for
 from vmflab import Lab, LibvirtHost
 from vmflab.daemon import LabDaemon
@@ -17,10 +18,6 @@ from vmflab.libvirt import UNJUDGEABLE_KINDS, unjudgeable_argv
 pytestmark = pytest.mark.integration
 
 ODD = "a&b'c\"d<e>f"
-
-
-def fence(daemon: LabDaemon, vm: str, action: str = "off") -> dict[str, Any]:
-    return daemon.request({"op": "fence", "vm": vm, "action": action})
 
 
 def never_off(reply: dict[str, Any]) -> bool:

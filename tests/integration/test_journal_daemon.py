@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import signal
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import run_client
+from tests.integration.conftest import ctl, run_client
 from tests.integration.test_notify_daemon import Systemd
 from tests.waiting import wait_until
-from vmfenced.clients.ctl import run as ctl_run
 from vmfenced.daemon.journal import FILE_NAME, read
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
@@ -30,9 +28,7 @@ ALIASES = {"node1": "gfs-node1", "node2": "gfs-node2"}
 
 
 def history(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = ctl_run(["--socket", str(daemon.socket), "history", *argv], out, err)
-    return code, out.getvalue(), err.getvalue()
+    return ctl(daemon, "history", *argv)
 
 
 def test_journal_survives_sigkill_and_a_torn_line(lab: Lab, tmp_path: Path) -> None:
@@ -139,12 +135,6 @@ def fill(directory: Path) -> Path:
         with journal.open("ab") as handle:
             handle.write(b" " * (slack - 1) + b"\n")
     return filler
-
-
-def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = ctl_run(["--socket", str(daemon.socket), *argv], out, err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def fence_agent(daemon: LabDaemon, plug: str) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import socket
 import urllib.error
 import urllib.request
@@ -11,8 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.conftest import ctl
 from tests.waiting import wait_for
-from vmfenced.clients.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
@@ -83,9 +82,9 @@ def test_metrics_over_http(lab: Lab, tmp_path: Path) -> None:
         assert wait_for(lambda: reconnects(url, "esx2") >= 1)
 
         # The same metrics through the socket, for hosts without an HTTP scraper.
-        out, err = io.StringIO(), io.StringIO()
-        assert ctl_run(["--socket", str(daemon.socket), "metrics"], out, err) == 0
-        assert samples(out.getvalue())[("vmfenced_fences_total", killed)] == 1
+        code, out, err = ctl(daemon, "metrics")
+        assert code == 0, err
+        assert samples(out)[("vmfenced_fences_total", killed)] == 1
 
         for path, code in (("/", 200), ("/nope", 404)):
             try:

@@ -4,7 +4,6 @@ a bad config changes nothing, and a fence in flight finishes on the host being r
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -15,19 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import sshd_sessions
+from tests.integration.conftest import ctl, sshd_sessions
 from tests.waiting import wait_for
-from vmfenced.clients.ctl import run as ctl_run
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
 
 pytestmark = pytest.mark.integration
-
-
-def ctl(daemon: LabDaemon, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = ctl_run(["--socket", str(daemon.socket), *argv], out, err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def hosts_by_name(daemon: LabDaemon) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,6 @@ hosts, lanes reconnect while clients hold every slot, and vmfencectl shows the l
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import sshd_sessions
+from tests.integration.conftest import ctl, sshd_sessions
 from tests.integration.socket_clients import (
     GROUP,
     LONG_IDLE,
@@ -33,7 +32,6 @@ from tests.integration.socket_clients import (
     request,
 )
 from tests.waiting import wait_for
-from vmfenced.clients.ctl import run as ctl_run
 from vmfenced.daemon.clientlimits import MIN_CLIENTS, reserved_fds
 from vmflab import Lab
 from vmflab.daemon import LabDaemon, render_config
@@ -224,10 +222,9 @@ def test_vmfencectl_shows_the_limit_not_a_broken_pipe(lab: Lab) -> None:
         limit_nofile(daemon, reserved_fds(1) + MIN_CLIENTS)
         with crowd(daemon, MIN_CLIENTS + 1):
             for _ in range(20):
-                out, err = io.StringIO(), io.StringIO()
-                code = ctl_run(["--socket", str(daemon.socket), "status"], out, err)
+                code, _, err = ctl(daemon, "status")
                 assert code == 1
-                assert err.getvalue().startswith(
+                assert err.startswith(
                     f"vmfencectl: daemon error unavailable: too many clients: {MIN_CLIENTS} "
                     f"connected, the limit is {MIN_CLIENTS} (RLIMIT_NOFILE"
-                ), err.getvalue()
+                ), err

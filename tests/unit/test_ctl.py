@@ -14,8 +14,10 @@ from tests.fakedaemon import (
     Hang,
     Ok,
     Raw,
+    assert_stdlib_only,
     fence_result,
     host,
+    imported_modules,
     list_result,
     status_result,
     vm,
@@ -208,3 +210,12 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
 )
 def test_format_age(seconds: float | None, text: str) -> None:
     assert format_age(seconds) == text
+
+
+def test_ctl_process_imports_only_the_standard_library(daemon: FakeDaemon) -> None:
+    daemon.set("status", Ok(status_result()))
+    code, stderr, names = imported_modules(
+        ["-m", "vmfenced.clients.ctl", "--socket", str(daemon.path), "status"]
+    )
+    assert code == 0, stderr[-2000:]
+    assert_stdlib_only(names)
