@@ -49,7 +49,7 @@ class ProxmoxInit(Init):
         self.node: str = args.node
         self.rounds = 0
         self.ha_round: float = args.ha_round
-        self._next_round = time.monotonic() + self.ha_round
+        self._next_round: float = time.monotonic() + self.ha_round
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
