@@ -109,6 +109,7 @@ class ProxmoxCluster:
         self.dirs = PveDirs(root)
         self.tree = PveTree(self.dirs.tree, self.dirs.state)
         self.nodes: dict[str, ProxmoxHost] = {}
+        self.members_version = 0
         self.ha_round = ha_round
         self.accel = accel
         self._names = list(names)
@@ -142,9 +143,11 @@ class ProxmoxCluster:
             host.wait_ready()
 
     def write_members(self) -> None:
+        """Every node's ``.members``, its version bumped (pmxcfs bumps it on every change)."""
+        self.members_version += 1
         rows = [(n, h.address, not h.powered_off) for n, h in self.nodes.items()]
         for name, host in self.nodes.items():
-            host.files.write_members(render_members(name, rows, len(rows) + 2))
+            host.files.write_members(render_members(name, rows, self.members_version))
 
     def node(self, name: str) -> ProxmoxHost:
         return self.nodes[name]

@@ -53,6 +53,12 @@ def qm_list(tree: PveTree, node: str) -> str:
     return "".join(out)
 
 
+def check_quorum(tree: PveTree) -> None:
+    """What changes the tree needs quorum (``check_cfs_quorum``)."""
+    if not tree.quorate():
+        raise TreeError("cluster not ready - no quorum?")
+
+
 def qm(tree: PveTree, node: str, args: list[str]) -> int:
     match args:
         case ["list"]:
@@ -67,6 +73,7 @@ def qm(tree: PveTree, node: str, args: list[str]) -> int:
             print(f"status: {'stopped' if pid is None else 'running'}")
         case ["start", vmid]:
             number = check_vmid(vmid)
+            check_quorum(tree)
             if tree.ha_state(number) is not None:
                 print(f"Requesting HA start for VM {number}")
                 tree.set_ha(number, "started")
@@ -94,6 +101,7 @@ def qm_stop(tree: PveTree, node: str, vmid: int, options: list[str]) -> int:
     if owner != node:
         raise TreeError(f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
     if tree.ha_state(vmid) is not None:
+        check_quorum(tree)
         print(f"Requesting HA stop for VM {vmid}")
         tree.queue_crm_command(f"stop vm:{vmid} 0")
         return 0
@@ -104,6 +112,8 @@ def qm_stop(tree: PveTree, node: str, vmid: int, options: list[str]) -> int:
 
 
 def ha_manager(tree: PveTree, node: str, args: list[str]) -> int:
+    if args[:1] != ["status"]:
+        check_quorum(tree)
     match args:
         case ["add" | "set" as verb, sid, *rest]:
             vmid = sid_vmid(sid)

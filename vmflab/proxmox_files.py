@@ -58,6 +58,10 @@ class PveDirs:
         self.bin = root / "bin"
 
     def prepare(self, kvm_binary: Path, *, perl: bool = True) -> None:
+        """A new, empty cluster: a lab directory used before starts from nothing."""
+        for old in (self.tree, self.state):
+            if old.exists():
+                shutil.rmtree(old)
         for directory in (self.tree, self.state, self.sbin, self.bin):
             directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         for tool in TOOLS:

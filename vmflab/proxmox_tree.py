@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,15 @@ class PveTree:
         write_atomic(self.state / "counters", f"{version} {counter}\n", 0o600)
 
     # -------------------------------------------------------------------- HA
+    def quorate(self) -> bool:
+        """Whether this node's ``.members`` says the cluster is quorate (pmxcfs is read-only
+        on a node without quorum)."""
+        try:
+            data = json.loads((self.root / ".members").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return bool(data.get("cluster", {}).get("quorate"))
+
     def ha_resources(self) -> dict[int, HaResource]:
         """``ha/resources.cfg``: ``vm: <vmid>`` sections with an indented ``state`` line
         (default ``started``)."""
@@ -305,6 +315,6 @@ class PveTree:
                 f"vm:{vmid}": {"node": node, "state": state, "uid": f"{vmid:x}{os.getpid():x}"}
                 for vmid, (node, state) in sorted(services.items())
             },
-            "timestamp": int(os.times().elapsed),
+            "timestamp": int(time.time()),
         }
         write_atomic(self.root / "ha" / "manager_status", json.dumps(status))
