@@ -174,6 +174,7 @@ class FenceResult(Record):
         "joined",
         "warning",
         "journal_warning",
+        "ha",
     )
 
     def __init__(
@@ -188,6 +189,7 @@ class FenceResult(Record):
         joined: bool,
         warning: str | None = None,
         journal_warning: str | None = None,
+        ha: str | None = None,
     ) -> None:
         self.vm: Final = vm
         self.action: Final = action
@@ -199,6 +201,8 @@ class FenceResult(Record):
         self.warning: Final = warning
         # The fence succeeded but its journal record is not on disk (yet): never a failure.
         self.journal_warning: Final = journal_warning
+        # Proxmox: the HA stack's answer after `off` (docs/proxmox.md); None for other kinds.
+        self.ha: Final = ha
 
 
 class ReloadResult(Record):

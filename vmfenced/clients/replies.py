@@ -230,4 +230,5 @@ def parse_fence(result: JsonObject) -> FenceResult:
         joined=joined,
         warning=_opt_str(result, "warning", "fence"),
         journal_warning=_opt_str(result, "journal_warning", "fence"),
+        ha=_opt_str(result, "ha", "fence"),
     )

@@ -137,6 +137,8 @@ class Api:
         }
         if result.warning:
             out["warning"] = result.warning
+        if result.ha is not None:
+            out["ha"] = result.ha
         if journal_warning:
             # The fence happened: a record the disk refused is said, never a failure.
             out["journal_warning"] = journal_warning
@@ -248,6 +250,7 @@ class _Entry:
             host=result.host,
             cartel=result.cartel,
             reason=result.warning,
+            ha=result.ha,
             joined=joined,
             elapsed_ms=result.elapsed_ms,
         )
