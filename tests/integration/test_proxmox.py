@@ -21,11 +21,6 @@ pytestmark = pytest.mark.integration
 
 ALIASES = {"node1": "web", "node2": "db"}
 EVERY_NODE = ["pve1", "pve2", "pve3"]
-# The daemon side of kind = "proxmox" as merged from pve-product (155cd97: backends, config and
-# model only) does not yet resolve a VMID, tell one registration per owner from the same VM
-# seen by every node, require the owner node for "already off", or run the HA hold-off. Strict:
-# each turns into a failure (XPASS) once the daemon does it, and the mark must go.
-DAEMON_TODO = "pve-product 155cd97: the daemon does not use the proxmox backend's {} yet"
 
 
 def cluster(lab: Lab) -> ProxmoxCluster:
@@ -66,10 +61,6 @@ def two_vms(pve_lab: Lab) -> Iterator[ProxmoxCluster]:
     yield pve
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=DAEMON_TODO.format('owner of a registration (power-on: "registered more than once")'),
-)
 def test_every_agent_action(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
     pve = two_vms
     first = running(pve, 100)["pve1"]
@@ -92,7 +83,6 @@ def test_every_agent_action(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
         assert third != second and not pve.node("pve1").pid_alive(second)
 
 
-@pytest.mark.xfail(strict=True, reason=DAEMON_TODO.format("VMID (RunningVM.vmid / answers_to)"))
 def test_the_vmid_names_the_vm(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
     pve = two_vms
     with LabDaemon(pve_lab, hosts=EVERY_NODE) as daemon:
@@ -144,12 +134,6 @@ def test_live_migration_twins(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
         fenced(daemon, "node1", "already_off")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=DAEMON_TODO.format(
-        'owner: a registration whose owner is not configured gives "already off"'
-    ),
-)
 def test_vm_of_a_node_missing_from_the_config(pve_lab: Lab) -> None:
     """ghost (102) belongs to pve3, which the daemon is not configured with: pve1 and pve2 see
     its registration, nobody configured can say it is not running: never "already off"."""
@@ -175,7 +159,6 @@ def test_already_off_needs_the_owner_node(pve_lab: Lab, two_vms: ProxmoxCluster)
         assert not fence(daemon, "node2")["ok"]
 
 
-@pytest.mark.xfail(strict=True, reason=DAEMON_TODO.format("hold_off_command"))
 def test_ha_vm_stays_off_after_the_fence(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
     """An HA VM in state started: the kill first, then the HA stack asked to keep it stopped,
     which it does (a killed VM would otherwise be started again a round later)."""
@@ -184,13 +167,12 @@ def test_ha_vm_stays_off_after_the_fence(pve_lab: Lab, two_vms: ProxmoxCluster) 
     first = running(pve, 100)["pve1"]
     with LabDaemon(pve_lab, aliases=ALIASES, hosts=EVERY_NODE) as daemon:
         result = fenced(daemon, "node1", "killed")
-        assert result["cartel"] == first
+        assert result["cartel"] == first and result["ha"] == "stop-accepted", result
         assert wait_for(lambda: pve.tree.ha_state(100) == "stopped", 10)
         host = pve.node("pve1")
         rounds = host.ha_rounds()
         assert wait_for(lambda: host.ha_rounds() >= rounds + 3, 10)
         assert running(pve, 100) == {}
-        assert "stop" in str(result), result  # the HA answer is reported
         assert agent(daemon, "action=on\nplug=node1").code == 0
         assert pve.tree.ha_state(100) == "started" and running(pve, 100) != {}
 
@@ -207,3 +189,17 @@ def test_a_process_that_is_not_the_vm_is_a_doubt(pve_lab: Lab, two_vms: ProxmoxC
         reply = fence(daemon, "node2")
         assert not reply["ok"], reply
         assert host.pid_alive(impostor)
+
+
+def test_ha_stop_refused_without_quorum_is_reported(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
+    """Two of three nodes gone: pmxcfs has no quorum, ha-manager refuses. The kill itself does
+    not wait for the HA stack: the VM is killed, and the refusal is in the reply."""
+    pve = two_vms
+    pve.set_ha(100, "started")
+    first = running(pve, 100)["pve1"]
+    pve.power_off("pve2")
+    pve.power_off("pve3")
+    with LabDaemon(pve_lab, aliases=ALIASES, hosts=["pve1"]) as daemon:
+        result = fenced(daemon, "node1", "killed")
+        assert result["cartel"] == first and result["ha"] == "stop-refused", result
+        assert not pve.node("pve1").pid_alive(first)
