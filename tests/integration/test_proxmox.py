@@ -203,3 +203,26 @@ def test_ha_stop_refused_without_quorum_is_reported(pve_lab: Lab, two_vms: Proxm
         result = fenced(daemon, "node1", "killed")
         assert result["cartel"] == first and result["ha"] == "stop-refused", result
         assert not pve.node("pve1").pid_alive(first)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="kill first, then crm-command stop: the stop is only queued (stop-accepted) until "
+    "the CRM's next round, and an LRM round before it starts the killed VM again",
+)
+def test_an_ha_vm_never_runs_again_after_an_off(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
+    """The window made wide: the CRM's node (pve1) is down while pve2 and pve3 keep quorum, so
+    the queued stop waits (as until a new CRM master takes over); pve3's LRM meanwhile sees a
+    `started` VM that is not running."""
+    pve = two_vms
+    pve.create_vm("pve3", 102, "ha")
+    pve.start_vm(102)
+    pve.set_ha(102, "started")
+    pve.power_off("pve1")
+    host = pve.node("pve3")
+    with LabDaemon(pve_lab, hosts=["pve2", "pve3"]) as daemon:
+        result = fenced(daemon, "ha", "killed")
+        assert result["ha"] == "stop-accepted", result
+        rounds = host.ha_rounds()
+        assert wait_for(lambda: host.ha_rounds() >= rounds + 3, 10)
+        assert running(pve, 102) == {}

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from tests.integration.conftest import fence_pve_unavailable, skip_without
+from tests.integration.test_bench import quick
 from tests.waiting import wait_for
 from vmflab import Lab
 from vmflab.proxmox import ProxmoxCluster
@@ -253,3 +254,11 @@ def test_fence_pve_against_the_api_stand_in(pve_lab: Lab) -> None:
         argv[argv.index("--password") + 1] = "wrong"
         wrong = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         assert wrong.returncode != 0 and "POST /api2/json/nodes" not in " ".join(api.calls[-1:])
+
+
+def test_proxmox_bench_quick() -> None:
+    """bench/proxmox.py still runs (its figures are read by people, not asserted)."""
+    out = quick("proxmox.py", missing=fence_pve_unavailable())
+    for row in ("fence_pve -o off", "fence_vmfenced -o off", "fence_pve -o off, HA VM"):
+        assert f"| {row} | 3 |" in out, out
+    assert "| fence_pve -o off / fence_vmfenced -o off |" in out
