@@ -35,6 +35,7 @@ class ProxmoxHost(SshdHost):
         SshdHost.__init__(self, files=files, **common)
         self.files = files
         self.powered_off = False
+        self.cut_off = False  # unreachable: sshd (and, for the API stand-in, pveproxy) gone
 
     def launch(self, dirs: PveDirs, *, ha_round: float, ha_master: bool, accel: str) -> None:
         args = [
@@ -237,8 +238,17 @@ class ProxmoxCluster:
         self.write_members()
 
     def cut(self, name: str) -> None:
-        """The node is unreachable (its sshd stopped) but its VMs run on."""
-        self.nodes[name].stop_sshd()
+        """The node is unreachable (its sshd stopped; the API stand-in answers 595 for it)
+        but its VMs run on."""
+        host = self.nodes[name]
+        host.stop_sshd()
+        host.cut_off = True
+
+    def restore(self, name: str) -> None:
+        """A cut node reachable again."""
+        host = self.nodes[name]
+        host.start_sshd()
+        host.cut_off = False
 
     def close(self) -> None:
         for host in self.nodes.values():

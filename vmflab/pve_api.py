@@ -241,7 +241,7 @@ class PveApi(Started):
         host = self.cluster.nodes.get(node)
         if host is None:
             raise ApiError(500, f"hostname lookup '{node}' failed - unknown node")
-        if host.powered_off or host.unshare_pid is None:
+        if host.powered_off or host.cut_off or host.unshare_pid is None:
             raise ApiError(595, f"Connection refused (node {node} is offline)")
         if node != self.local:
             time.sleep(self.costs.proxy)

@@ -196,6 +196,8 @@ def test_node_power_off_and_cut(pve_lab: Lab) -> None:
     pve.cut("pve3")
     assert pve.node("pve3").ssh("true", check=False).returncode == 255
     assert pve.node("pve3").vm_pids() != {}  # its VMs run on
+    pve.restore("pve3")
+    assert pve.node("pve3").ssh("true").returncode == 0
     pve.power_off("pve2")
     members = json.loads(pve.node("pve1").ssh("cat /etc/pve/.members").stdout)
     assert members["nodelist"]["pve2"]["online"] == 0

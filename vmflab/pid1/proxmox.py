@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import TextIO
@@ -92,7 +93,7 @@ class ProxmoxInit(Init):
                     self.reply(f"ok {self.rounds}")
                 case _:
                     return False
-        except TreeError as exc:
+        except (TreeError, subprocess.SubprocessError) as exc:
             raise InitError(str(exc)) from None
         return True
 
@@ -124,7 +125,7 @@ class ProxmoxInit(Init):
             if self.args.ha_master:
                 self.crm_round()
             self.lrm_round()
-        except (TreeError, OSError, ValueError) as exc:
+        except (TreeError, OSError, ValueError, subprocess.SubprocessError) as exc:
             self.log(f"HA round failed: {exc}")
         self.rounds += 1
 
