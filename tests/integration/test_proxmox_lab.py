@@ -264,3 +264,20 @@ def test_proxmox_bench_quick() -> None:
     for row in ("fence_pve -o off", "fence_vmfenced -o off", "fence_pve -o off, HA VM"):
         assert f"| {row} | 3 |" in out, out
     assert "| fence_pve -o off / fence_vmfenced -o off |" in out
+
+
+def test_run_files_cleaned_up_after_a_vm_dies(pve_lab: Lab) -> None:
+    """As qmeventd runs `qm cleanup`: a VM killed from outside loses its pid file shortly after,
+    while one that is started again keeps the new one."""
+    pve = cluster(pve_lab)
+    pve.create_vm("pve1", 100, "web")
+    host = pve.node("pve1")
+    pid = pve.start_vm(100)
+    host.ssh(f"kill -9 {pid}")
+    gone = (
+        "test -e /var/run/qemu-server/100.pid || test -e /var/run/qemu-server/100.qmp || echo gone"
+    )
+    assert wait_for(lambda: host.ssh(gone).stdout == "gone\n", 10)
+    assert host.vm_pids() == {}
+    again = pve.start_vm(100)
+    assert host.vm_pids() == {100: again}

@@ -13,6 +13,9 @@
   into ``state stopped`` (as the CRM does) and writes ``ha/manager_status``; then every node's
   LRM starts its ``started`` VMs that are not running and stops its ``stopped``/``disabled``
   VMs that are (hard: a SIGKILL, where the real LRM runs ``vm_stop`` with timeout 0).
+* qmeventd's cleanup: the run files of a VM process that died go ``--cleanup-delay`` seconds
+  later (0.5 s: ``qm cleanup`` is Perl), as after any QEMU exit on Proxmox; until then the pid
+  file names a dead (or, after PID reuse, another) process.
 
 Verbs: ``vm-start <vmid> [nocheck]`` -> ``ok <pid>``; ``vm-kill <vmid>`` -> ``ok killed`` |
 ``ok stopped``; ``vm-pids`` -> ``ok <JSON vmid -> pid>``; ``ha-rounds`` -> ``ok <n>``
@@ -51,6 +54,8 @@ class ProxmoxInit(Init):
         self.rounds = 0
         self.ha_round: float = args.ha_round
         self._next_round: float = time.monotonic() + self.ha_round
+        self.cleanup_delay: float = args.cleanup_delay
+        self._cleanups: dict[int, tuple[float, int]] = {}  # VMID -> (when, dead PID)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -63,6 +68,9 @@ class ProxmoxInit(Init):
         parser.add_argument("--bashrc", help="empty file mounted on root's ~/.bashrc")
         parser.add_argument("--ha-round", type=float, default=10.0, help="LRM/CRM round (s)")
         parser.add_argument("--ha-master", action="store_true", help="this node runs the CRM")
+        parser.add_argument(
+            "--cleanup-delay", type=float, default=0.5, help="qm cleanup after a VM died (s)"
+        )
         parser.add_argument("--accel", default="kvm", help="kvm or tcg, for real-qemu VMs")
 
     def set_up(self) -> None:
@@ -112,12 +120,41 @@ class ProxmoxInit(Init):
                     found[int(path.stem)] = pid
         return found
 
+    # ------------------------------------------------------------------ qmeventd
+    def on_exit(self, pid: int, code: int) -> None:
+        """A VM process died (every one is reparented to this init): as qmeventd, which sees
+        its QMP socket close, have its run files cleaned up ``--cleanup-delay`` seconds later
+        (``qm cleanup`` is a Perl start-up and a config lock away), unless it runs again."""
+        del code
+        for path in Path(runtime.RUN_DIR).glob("*.pid"):
+            try:
+                named = path.read_text(encoding="ascii").split("\n")[0]
+            except (OSError, UnicodeDecodeError):
+                continue
+            if path.stem.isdigit() and named == str(pid):
+                self._cleanups[int(path.stem)] = (time.monotonic() + self.cleanup_delay, pid)
+
+    def run_cleanups(self, now: float) -> None:
+        for vmid, (due, pid) in list(self._cleanups.items()):
+            if due > now:
+                continue
+            del self._cleanups[vmid]
+            try:
+                named = Path(runtime.pid_file(vmid)).read_text(encoding="ascii").split("\n")[0]
+            except (OSError, UnicodeDecodeError):
+                continue
+            if named == str(pid):  # not started again meanwhile
+                self.log(f"qmeventd: qm cleanup {vmid} (PID {pid} gone)")
+                runtime.cleanup(vmid)
+
     # ----------------------------------------------------------------------- HA
     def timeout(self) -> float | None:
-        return max(0.0, self._next_round - time.monotonic())
+        due = min([self._next_round, *(d for d, _ in self._cleanups.values())])
+        return max(0.0, due - time.monotonic())
 
     def tick(self) -> None:
         now = time.monotonic()
+        self.run_cleanups(now)
         if now < self._next_round:
             return
         self._next_round = now + self.ha_round
