@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -53,7 +54,9 @@ class ProxmoxInit(Init):
         self.node: str = args.node
         self.rounds = 0
         self.ha_round: float = args.ha_round
-        self._next_round: float = time.monotonic() + self.ha_round
+        # Each node's HA daemons started at their own moment: rounds out of phase, as on a
+        # real cluster (in phase, the CRM's and an LRM's rounds would always meet in one order).
+        self._next_round: float = time.monotonic() + self.ha_round * random.random()
         self.cleanup_delay: float = args.cleanup_delay
         self._cleanups: dict[int, tuple[float, int]] = {}  # VMID -> (when, dead PID)
 
