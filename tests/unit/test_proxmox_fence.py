@@ -173,7 +173,7 @@ async def test_reboot_does_not_hold_it_off_and_starts_it_on_its_owner() -> None:
 
 
 def test_status_names_nodes_missing_from_the_config() -> None:
-    result = {
+    result: dict[str, object] = {
         "daemon": {"version": "1", "pid": 1, "uptime_s": 5},
         "hosts": [],
         "vms": [{"name": "web", "alias": None, "host": "pve9", "state": "unknown"}],
