@@ -14,10 +14,11 @@ import pytest
 from vmfenced.backends.registry import BACKENDS
 from vmfenced.clients.ctl import render_fence, render_status
 from vmfenced.config import HostConfig
+from vmfenced.daemon.api import Api
 from vmfenced.daemon.fence import Fencer
 from vmfenced.daemon.host import Host
 from vmfenced.errors import FenceFailed
-from vmfenced.model import KillOutcome, RegisteredVM, RunningVM, VMMap
+from vmfenced.model import HostInventory, KillOutcome, LinkState, RegisteredVM, RunningVM, VMMap
 
 NODES = ("pve1", "pve2", "pve3")
 
@@ -38,6 +39,10 @@ class PveHost:
         self.config = HostConfig(name=name, address=name, kind="proxmox")
         self.backend = BACKENDS["proxmox"]
         self.fence = self  # the HA hold-off runs on the fence lane
+        self.state = LinkState.UP
+
+    def snapshot(self, _at: float | None, vm_count: int) -> dict[str, object]:
+        return {"name": self.name, "vm_count": vm_count}
 
     @property
     def vms(self) -> list[RunningVM]:
@@ -185,3 +190,19 @@ def test_status_names_nodes_missing_from_the_config() -> None:
     # A daemon from before Proxmox sends no such list.
     del result["missing_nodes"]
     assert "missing" not in render_status(result, time.time())
+
+
+def test_status_shows_each_cluster_vm_once_at_its_owner_and_the_missing_nodes() -> None:
+    db = RegisteredVM("101", "db", "/etc/pve/nodes/pve2/qemu-server/101.conf", owner="pve2")
+    lost = RegisteredVM("102", "lost", "/etc/pve/nodes/pve9/qemu-server/102.conf", owner="pve9")
+    cluster = Cluster({"pve1": [running_web()]}, (web(), db, lost))
+    fence = fencer(cluster)
+    vmmap = VMMap()
+    for name in NODES:  # every node lists the whole cluster's registrations
+        vmmap.update(
+            name, HostInventory(tuple(cluster.running.get(name, ())), cluster.registered, 0)
+        )
+    status = Api(fence, fence.hosts, vmmap).status()
+    rows = sorted((v["name"], v["host"], v["state"]) for v in status["vms"])
+    assert rows == [("db", "pve2", "off"), ("lost", "pve9", "unknown"), ("web", "pve1", "on")]
+    assert status["missing_nodes"] == [{"node": "pve9", "vms": ["102"]}]
