@@ -189,6 +189,9 @@ def test_a_kernel_thread_under_the_pid_is_a_doubt(tree: Tree) -> None:
     [
         ("100.pid", "12x\n", "bad pid file"),
         ("100.pid", "", "bad pid file"),
+        ("100.pid", "0\n", "bad pid file"),
+        ("100.pid", "0123\n", "bad pid file"),  # /proc/0123 does not exist: never "gone"
+        ("0100.pid", "1\n", "not named after a VMID"),
         ("web.pid", "1\n", "not named after a VMID"),
     ],
 )
