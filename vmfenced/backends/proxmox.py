@@ -111,13 +111,14 @@ def pidfile_listing(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
     [ -e "$vmf_f" ] || continue
     vmf_v=
     {{ read -r vmf_v < "$vmf_f"; }} 2>/dev/null
+    # A leading zero would name no /proc entry: a running VM read as gone.
     case $vmf_v in
-      ''|*[!0-9]*) [ -e "$vmf_f" ] && {{ echo "vmf:doubt bad pid file $vmf_f"; return 3; }}
+      ''|*[!0-9]*|0*) [ -e "$vmf_f" ] && {{ echo "vmf:doubt bad pid file $vmf_f"; return 3; }}
         continue;;
     esac
     vmf_i=${{vmf_f##*/}}; vmf_i=${{vmf_i%.pid}}
     case $vmf_i in
-      ''|*[!0-9]*) echo "vmf:doubt a pid file not named after a VMID: $vmf_f"; return 3;;
+      ''|*[!0-9]*|0*) echo "vmf:doubt a pid file not named after a VMID: $vmf_f"; return 3;;
     esac
     vmf_o=-
     for vmf_c in {pve}/nodes/*/qemu-server/"$vmf_i".conf; do

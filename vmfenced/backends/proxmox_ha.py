@@ -3,7 +3,8 @@
 pve-ha-manager starts a killed VM whose HA state is `started` again within a round or two
 (about 10 s each): after the kill of an `off`, it is asked to keep the VM stopped. The kill
 never waits for it (HA commands need a quorate cluster filesystem). Power-on of an HA-managed
-VM goes through the HA stack too: a `qm start` behind its back is refused (docs/proxmox.md).
+VM goes through the HA stack too (`qm start` of an HA VM only asks HA, asynchronously, and
+returns): the command then waits on the node for the VM to run (docs/proxmox.md).
 """
 
 from __future__ import annotations

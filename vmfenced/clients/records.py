@@ -137,8 +137,18 @@ class JournalInfo(Record):
         self.dropped: Final = dropped  # records lost to a full backlog since the daemon started
 
 
+class MissingNode(Record):
+    """A Proxmox node that owns VMs (`vms`: their VMIDs) but is not in the configuration."""
+
+    __slots__ = _fields = ("node", "vms")
+
+    def __init__(self, node: str, vms: tuple[str, ...]) -> None:
+        self.node: Final = node
+        self.vms: Final = vms
+
+
 class StatusResult(Record):
-    __slots__ = _fields = ("daemon", "hosts", "vms", "journal")
+    __slots__ = _fields = ("daemon", "hosts", "vms", "journal", "missing_nodes")
 
     def __init__(
         self,
@@ -146,11 +156,13 @@ class StatusResult(Record):
         hosts: tuple[HostInfo, ...],
         vms: tuple[VmInfo, ...],
         journal: JournalInfo | None = None,  # None from daemons older than the backlog
+        missing_nodes: tuple[MissingNode, ...] = (),  # () from daemons before Proxmox
     ) -> None:
         self.daemon: Final = daemon
         self.hosts: Final = hosts
         self.vms: Final = vms
         self.journal: Final = journal
+        self.missing_nodes: Final = missing_nodes
 
 
 class VmState(Record):

@@ -183,9 +183,7 @@ class Fencer:
         try:
             answer = await host.fence.run(backend.hold_off_command(vmid), HOLD_OFF_TIMEOUT)
             hold = backend.parse_hold_off(answer.output)
-        except LinkError as exc:
-            hold = HoldOff("unknown", exc.reason)
-        except ParseError as exc:
+        except (LinkError, ParseError) as exc:
             hold = HoldOff("unknown", exc.reason)
         warning = result.warning
         if hold.outcome in _HOLD_DOUBTS:

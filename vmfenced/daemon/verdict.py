@@ -206,22 +206,20 @@ def _owner(vm: str, views: Sequence[HostView]) -> tuple[str, RegisteredVM] | Dec
     owned = {(r.owner, r.vmid): r for r in regs if r.owner is not None}
     if not owned:
         return None
-    if (
-        len(owned) > 1
-        or len(owned) != len({r for r in regs if r.owner is not None})
-        or any(r.owner is None for r in regs)
-    ):
-        where = "; ".join(
-            sorted({f"{r.owner or 'not Proxmox'}: {r.config_file or r.vmid}" for r in regs})
-        )
-        return _fail(f"{vm!r} names more than one VM ({where}): alias the node to its VMID instead")
+    where = "; ".join(
+        sorted({f"{r.owner or 'not Proxmox'}: {r.config_file or r.vmid}" for r in regs})
+    )
+    if len({r.vmid for r in owned.values()}) > 1 or any(r.owner is None for r in regs):
+        return _fail(f"{vm!r} names more than one VM ({where}): alias the node to its VMID")
+    if len(owned) > 1 or len(owned) != len({r for r in regs if r.owner is not None}):
+        # One VMID, told differently by nodes read at different moments: it is moving.
+        return _fail(f"{vm!r} changed while the nodes were read ({where}): try again")
     (node, _vmid), reg = next(iter(owned.items()))
     hosts = [v.host for v in views if v.node == node]
     if not hosts:
         return _fail(
             f"{vm!r} (VMID {reg.vmid}) belongs to Proxmox node {node}, which is not in the "
-            f"configuration: it may run there unseen; add {node} as a host, or {_ADVICE}",
-            unknown=False,
+            f"configuration: it may run there unseen; add {node} as a host, or {_ADVICE}"
         )
     return hosts[0], reg
 
