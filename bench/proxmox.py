@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import shlex
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -120,6 +122,10 @@ def ha_rows(
         rows.setdefault("fence_pve -o off, HA VM", []).append(elapsed)
         check_off(pve, HA_VM, HA_VMID, HA_NODE)
         power_on(pve, daemon, HA_VM, HA_VMID, HA_NODE)
+        # power_on returns just after the node's LRM round that started the VM: without this
+        # the kill would always fall early in that node's round, and the CRM's round would
+        # nearly always come first. Not a synchronisation: it spreads the kills over the round.
+        time.sleep(random.uniform(0, pve.ha_round))
         elapsed = timed_run(agent, agent_stdin(daemon, HA_VM, "off"), 0)
         rows.setdefault("fence_vmfenced -o off, HA VM", []).append(elapsed)
         seen: set[int] = set()
