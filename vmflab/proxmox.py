@@ -160,7 +160,7 @@ class ProxmoxCluster:
         """Writes ``nodes/<node>/qemu-server/<vmid>.conf`` (``.vmlist`` follows); ``name`` None:
         no ``name:`` line (Proxmox then runs it as ``vm<vmid>``). ``real_qemu``: run by
         upstream qemu (without ``-id``)."""
-        if self.tree.owner(vmid) is not None:
+        if self.tree.owner(vmid) is not None or vmid in self.tree.vmlist("lxc"):
             raise LabError(f"VMID {vmid} already exists")
         self._mark_real_qemu(vmid, real_qemu)
         options = {"memory": str(memory), "ostype": "l26", "cores": "1"}
@@ -168,6 +168,14 @@ class ProxmoxCluster:
             options["name"] = name
         options["smbios1"] = f"uuid=00000000-0000-4000-8000-{vmid:012d}"
         self.tree.write_conf(node, vmid, options)
+
+    def create_ct(self, node: str, vmid: int, hostname: str) -> None:
+        """An LXC container's config only (``.vmlist`` type ``lxc``): no process is run for it;
+        the lab models containers as registrations that are not VMs."""
+        try:
+            self.tree.write_ct_conf(node, vmid, hostname)
+        except TreeError as exc:
+            raise LabError(str(exc)) from None
 
     def _mark_real_qemu(self, vmid: int, real: bool) -> None:
         path = self.dirs.state / "real-qemu"

@@ -29,6 +29,8 @@ from pathlib import Path
 VMID = re.compile(r"^[1-9][0-9]{2,8}$")
 NODE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 HA_STATES = ("started", "stopped", "disabled", "ignored")
+# .vmlist's type -> the directory of its configs under nodes/<node>/.
+GUEST_DIRS = {"qemu": "qemu-server", "lxc": "lxc"}
 # A config line (QemuServer.pm parse_vm_config): ``key: value``.
 CONF_LINE = re.compile(r"^([a-z][a-z_]*\d*):\s*(.*?)\s*$")
 
@@ -57,14 +59,14 @@ def write_atomic(path: Path, text: str, mode: int = 0o640) -> None:
     tmp.replace(path)
 
 
-def render_vmlist(version: int, entries: Mapping[int, tuple[str, int]]) -> str:
-    """``.vmlist`` exactly as pmxcfs prints it; ``entries``: VMID -> (node, entry version).
-    pmxcfs iterates a hash table (no order); the lab sorts by VMID."""
+def render_vmlist(version: int, entries: Mapping[int, tuple[str, str, int]]) -> str:
+    """``.vmlist`` exactly as pmxcfs prints it; ``entries``: VMID -> (node, type, entry
+    version). pmxcfs iterates a hash table (no order); the lab sorts by VMID."""
     if not entries:
         return '{\n"version": %u\n\n}\n' % version  # noqa: UP031 (status.c's format)
     rows = [
-        '"%u": { "node": "%s", "type": "qemu", "version": %u }' % (vmid, node, entry)  # noqa: UP031
-        for vmid, (node, entry) in sorted(entries.items())
+        '"%u": { "node": "%s", "type": "%s", "version": %u }' % (vmid, node, kind, entry)  # noqa: UP031
+        for vmid, (node, kind, entry) in sorted(entries.items())
     ]
     head = '{\n"version": %u,\n"ids": {\n' % version  # noqa: UP031 (status.c's format)
     return head + ",\n".join(rows) + "}\n\n}\n"
@@ -120,9 +122,8 @@ class PveTree:
     def create(self, nodes: Sequence[str]) -> None:
         """An empty cluster tree for ``nodes`` (lab side, before any node starts)."""
         for node in nodes:
-            (self.root / "nodes" / check_node(node) / "qemu-server").mkdir(
-                parents=True, exist_ok=True
-            )
+            for kind in GUEST_DIRS.values():
+                (self.root / "nodes" / check_node(node) / kind).mkdir(parents=True, exist_ok=True)
         (self.root / "ha").mkdir(exist_ok=True)
         self.state.mkdir(parents=True, exist_ok=True)
         with self.locked():
@@ -202,10 +203,22 @@ class PveTree:
             self.conf_path(node, vmid).rename(self.conf_path(target, vmid))
             self._refresh()
 
-    def vmlist(self) -> dict[int, str]:
-        """VMID -> node as ``.vmlist`` says now."""
+    def vmlist(self, kind: str = "qemu") -> dict[int, str]:
+        """VMID -> node of the guests of type ``kind`` as ``.vmlist`` says now."""
         data = json.loads((self.root / ".vmlist").read_text(encoding="utf-8"))
-        return {int(k): v["node"] for k, v in data.get("ids", {}).items()}
+        return {int(k): v["node"] for k, v in data.get("ids", {}).items() if v["type"] == kind}
+
+    def write_ct_conf(self, node: str, vmid: int, hostname: str) -> None:
+        """An LXC container's config (``nodes/<node>/lxc/<vmid>.conf``; its name is
+        ``hostname``); a VMID is unique across VMs and containers."""
+        with self.locked():
+            if self.owner(vmid) is not None or any(
+                (self.root / "nodes" / n / "lxc" / f"{vmid}.conf").exists() for n in self.nodes()
+            ):
+                raise TreeError(f"VMID {vmid} already exists")
+            text = f"arch: amd64\nhostname: {hostname}\nostype: debian\n"
+            write_atomic(self.root / "nodes" / check_node(node) / "lxc" / f"{vmid}.conf", text)
+            self._refresh()
 
     def refresh_vmlist(self) -> None:
         with self.locked():
@@ -214,17 +227,20 @@ class PveTree:
     def _refresh(self) -> None:
         """``.vmlist`` follows the config files; the caller holds the lock."""
         old = json.loads((self.root / ".vmlist").read_text(encoding="utf-8"))
-        before = {int(k): (v["node"], v["version"]) for k, v in old.get("ids", {}).items()}
+        before = {
+            int(k): (v["node"], v["type"], v["version"]) for k, v in old.get("ids", {}).items()
+        }
         version, counter = self._read_counters()
-        now: dict[int, tuple[str, int]] = {}
+        now: dict[int, tuple[str, str, int]] = {}
         for node in self.nodes():
-            for conf in (self.root / "nodes" / node / "qemu-server").glob("*.conf"):
-                vmid = int(conf.stem)
-                if vmid in before and before[vmid][0] == node:
-                    now[vmid] = before[vmid]
-                else:
-                    counter += 1
-                    now[vmid] = (node, counter)
+            for kind, directory in GUEST_DIRS.items():
+                for conf in (self.root / "nodes" / node / directory).glob("*.conf"):
+                    vmid = int(conf.stem)
+                    if vmid in before and before[vmid][:2] == (node, kind):
+                        now[vmid] = before[vmid]
+                    else:
+                        counter += 1
+                        now[vmid] = (node, kind, counter)
         if now != before:
             version += 1
             self._write_counters(version, counter)

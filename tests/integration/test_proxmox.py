@@ -117,6 +117,18 @@ def test_vmid_reused_after_destroy(pve_lab: Lab, two_vms: ProxmoxCluster) -> Non
         assert fenced(daemon, "other", "killed")["cartel"] == new
 
 
+def test_a_container_is_not_a_vm(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
+    """An LXC container (.vmlist type lxc, nodes/<node>/lxc/<vmid>.conf) is out of scope: its
+    registration names no VM, and it does not disturb the VMs' fences."""
+    pve = two_vms
+    pve.create_ct("pve1", 103, "box")
+    with LabDaemon(pve_lab, aliases=ALIASES, hosts=EVERY_NODE) as daemon:
+        for name in ("box", "103"):
+            assert not fence(daemon, name)["ok"]
+        fenced(daemon, "node1", "killed")
+        fenced(daemon, "node1", "already_off")
+
+
 def test_live_migration_twins(pve_lab: Lab, two_vms: ProxmoxCluster) -> None:
     """While both nodes run the VMID, a fence either kills both instances or fails."""
     pve = two_vms

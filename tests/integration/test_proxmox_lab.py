@@ -53,6 +53,9 @@ def test_tree_vmlist_follows_configs_as_pmxcfs_renders_it(pve_lab: Lab) -> None:
     assert json.loads(vmlist_text(pve))["version"] == 4
     pve.destroy_vm(101)
     assert "101" not in json.loads(vmlist_text(pve))["ids"]
+    pve.create_ct("pve2", 103, "box")
+    assert '"103": { "node": "pve2", "type": "lxc", "version": 4 }' in vmlist_text(pve)
+    assert pve.tree.vmlist() == {100: "pve3"} and pve.tree.vmlist("lxc") == {103: "pve2"}
 
 
 def test_each_node_sees_the_shared_tree_and_its_own_name(pve_lab: Lab) -> None:
