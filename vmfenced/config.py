@@ -133,7 +133,7 @@ class HostConfig(_Frozen):
     name: Annotated[str, Field(pattern=_NAME)]
     address: Annotated[str, Field(min_length=1, max_length=255)]
     port: Annotated[int, Field(ge=1, le=65535)] = 22
-    kind: Literal["esxi", "libvirt", "esx-classic"] = "esxi"
+    kind: Literal["esxi", "libvirt", "esx-classic", "proxmox"] = "esxi"
     # Other addresses of this same host (say its management network), tried in order when
     # `address` is unreachable; each is checked against known_hosts on its own.
     fallback_addresses: tuple[Annotated[str, Field(min_length=1, max_length=255)], ...] = ()
@@ -141,6 +141,9 @@ class HostConfig(_Frozen):
     libvirt_uri: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://[^\s]*$", max_length=1024)] = (
         "qemu:///system"
     )
+    # proxmox hosts only: this host's node name in the Proxmox cluster (its directory under
+    # /etc/pve/nodes), when it differs from `name`.
+    pve_node: Annotated[str, Field(pattern=_NAME)] | None = None
     # Per-host overrides of [ssh]; None means "use the default".
     username: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     client_keys: Annotated[tuple[Path, ...], Field(min_length=1)] | None = None
@@ -173,10 +176,19 @@ class HostConfig(_Frozen):
         return (self.address, *self.fallback_addresses)
 
     @model_validator(mode="after")
-    def _libvirt_only(self) -> HostConfig:
+    def _kind_only_keys(self) -> HostConfig:
         if self.kind != "libvirt" and "libvirt_uri" in self.model_fields_set:
             raise ValueError(f'libvirt_uri: only for kind = "libvirt" (this host is {self.kind})')
+        if self.kind != "proxmox" and self.pve_node is not None:
+            raise ValueError(f'pve_node: only for kind = "proxmox" (this host is {self.kind})')
         return self
+
+    @property
+    def node(self) -> str | None:
+        """The Proxmox node this host is (None for the other kinds)."""
+        if self.kind != "proxmox":
+            return None
+        return self.pve_node or self.name
 
 
 _SSH_KEYS = tuple(SSHConfig.model_fields)
@@ -206,6 +218,15 @@ class Config(_Frozen):
                     f"{host.address}:{host.port}"
                 )
             endpoints[endpoint] = host.name
+        nodes: dict[str, str] = {}
+        for host in self.hosts:
+            # A VM's owner node must name one configured host: "already off" and power-on
+            # are decided on that host's answers.
+            if host.node is not None and nodes.setdefault(host.node, host.name) != host.name:
+                raise ValueError(
+                    f"hosts: {host.name!r} and {nodes[host.node]!r} are both Proxmox node "
+                    f"{host.node!r}"
+                )
         for alias, vm in self.aliases.items():
             if not vm or len(vm) > 256:
                 raise ValueError(f"aliases.{alias}: VM name must be 1 to 256 characters")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vmfenced.backends.text import split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
-from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
+from vmfenced.model import HoldOff, KillOutcome, RegisteredVM, RunningVM
 
 RunningParser = Callable[[str], tuple[RunningVM, ...]]
 
@@ -37,6 +37,10 @@ class Backend:
     power_on_command: Callable[[RegisteredVM], str]
     # Seconds a slow power-on may take on top of the fence budget.
     power_on_timeout: float
+    # Proxmox: after `off` (kill confirmed, or already off), the command that asks the VM's HA
+    # stack to keep it stopped (argument: the VMID), and its parser; None for the other kinds.
+    hold_off_command: Callable[[str], str] | None = None
+    parse_hold_off: Callable[[str], HoldOff] | None = None
 
 
 def parse_kill_marker(text: str) -> KillOutcome:

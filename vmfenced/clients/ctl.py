@@ -34,6 +34,7 @@ from vmfenced.clients.client import (
     JsonObject,
     vm_name_problem,
 )
+from vmfenced.clients.ctl_proxmox import render_missing_nodes
 from vmfenced.clients.process import exit_with
 from vmfenced.clients.records import JournalInfo
 from vmfenced.wire import MAX_HISTORY
@@ -213,7 +214,7 @@ def render_status(result: JsonObject, now: float) -> str:
         ("VM", "ALIAS", "HOST", "STATE", "CARTEL"),
         [(v.name, v.alias, v.host, v.state, v.cartel) for v in status.vms],
     )
-    text = head + hosts + "\n" + vms
+    text = head + hosts + "\n" + vms + render_missing_nodes(status.missing_nodes)
     if any(v.state == "unconfirmable" for v in status.vms):
         text += (
             "\nunconfirmable: the VM's host does not answer, so no fence of it can be "
@@ -260,6 +261,8 @@ def render_fence(result: JsonObject) -> str:
         parts.append(f"in {f.elapsed_ms:.1f} ms")
     if f.joined:
         parts.append("[joined a fence already in flight]")
+    if f.ha is not None:
+        parts.append(f"HA: {_clean(f.ha)}")
     text = " ".join(parts) + "\n"
     if f.warning:
         text += f"warning: {_clean(f.warning)}\n"

@@ -137,8 +137,18 @@ class JournalInfo(Record):
         self.dropped: Final = dropped  # records lost to a full backlog since the daemon started
 
 
+class MissingNode(Record):
+    """A Proxmox node that owns VMs (`vms`: their VMIDs) but is not in the configuration."""
+
+    __slots__ = _fields = ("node", "vms")
+
+    def __init__(self, node: str, vms: tuple[str, ...]) -> None:
+        self.node: Final = node
+        self.vms: Final = vms
+
+
 class StatusResult(Record):
-    __slots__ = _fields = ("daemon", "hosts", "vms", "journal")
+    __slots__ = _fields = ("daemon", "hosts", "vms", "journal", "missing_nodes")
 
     def __init__(
         self,
@@ -146,11 +156,13 @@ class StatusResult(Record):
         hosts: tuple[HostInfo, ...],
         vms: tuple[VmInfo, ...],
         journal: JournalInfo | None = None,  # None from daemons older than the backlog
+        missing_nodes: tuple[MissingNode, ...] = (),  # () from daemons before Proxmox
     ) -> None:
         self.daemon: Final = daemon
         self.hosts: Final = hosts
         self.vms: Final = vms
         self.journal: Final = journal
+        self.missing_nodes: Final = missing_nodes
 
 
 class VmState(Record):
@@ -174,6 +186,7 @@ class FenceResult(Record):
         "joined",
         "warning",
         "journal_warning",
+        "ha",
     )
 
     def __init__(
@@ -188,6 +201,7 @@ class FenceResult(Record):
         joined: bool,
         warning: str | None = None,
         journal_warning: str | None = None,
+        ha: str | None = None,
     ) -> None:
         self.vm: Final = vm
         self.action: Final = action
@@ -199,6 +213,8 @@ class FenceResult(Record):
         self.warning: Final = warning
         # The fence succeeded but its journal record is not on disk (yet): never a failure.
         self.journal_warning: Final = journal_warning
+        # Proxmox: the HA stack's answer after `off` (docs/proxmox.md); None for other kinds.
+        self.ha: Final = ha
 
 
 class ReloadResult(Record):

@@ -15,6 +15,7 @@ from vmfenced.clients.records import (
     HistoryResult,
     HostInfo,
     JournalInfo,
+    MissingNode,
     ReloadResult,
     StatusResult,
     VmInfo,
@@ -139,7 +140,21 @@ def parse_status(result: JsonObject) -> StatusResult:
         hosts=hosts,
         vms=tuple(_vm(v, "status vm") for v in _objects(result, "vms", "status")),
         journal=_journal(result, "journal", "status"),
+        missing_nodes=_missing_nodes(result),
     )
+
+
+def _missing_nodes(result: JsonObject) -> tuple[MissingNode, ...]:
+    """Proxmox nodes missing from the config; absent from daemons before Proxmox."""
+    if result.get("missing_nodes") is None:
+        return ()
+    out = []
+    for obj in _objects(result, "missing_nodes", "status"):
+        vms = _get(obj, "vms", list, "status missing node")
+        if not all(isinstance(v, str) for v in vms):
+            raise ProtocolViolation(f"status missing node: 'vms' is {vms!r:.200}, expected strings")
+        out.append(MissingNode(_str(obj, "node", "status missing node"), tuple(vms)))
+    return tuple(out)
 
 
 def parse_list(result: JsonObject) -> tuple[VmInfo, ...]:
@@ -230,4 +245,5 @@ def parse_fence(result: JsonObject) -> FenceResult:
         joined=joined,
         warning=_opt_str(result, "warning", "fence"),
         journal_warning=_opt_str(result, "journal_warning", "fence"),
+        ha=_opt_str(result, "ha", "fence"),
     )
