@@ -1,0 +1,424 @@
+"""A warm vSphere API session (vCenter or a standalone ESXi host) and its live inventory map.
+
+pyvmomi is blocking: every call runs in this session's own threads, bounded twice, by the
+socket timeout pyvmomi applies to each request and by asyncio.wait_for around it. The session
+is logged in once and kept; a call that finds it gone (NotAuthenticated: expired, or vCenter
+restarted) marks it down, and the supervisor logs in again with a capped backoff, as an SSH
+lane reconnects. State and reason read like a lane's (`vmfencectl status`).
+
+The live map comes from a PropertyCollector of the session's own (CreatePropertyCollector), not
+the session's default one: waiting on a task through the default collector takes its updates
+(vcsim delivers them to the last waiter; docs/vsphere.md). WaitForUpdatesEx runs in a thread of
+its own and hands each change to the event loop; there is no polling. Fences do not trust the
+map alone: they read the VMs' properties afresh (`read`), as the SSH kinds list afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyVim.connect
+import pyVmomi
+import structlog
+
+from vmfenced.config import HostConfig
+from vmfenced.daemon.vsphere_views import HostRecord, Inventory, VMRecord
+from vmfenced.errors import LinkDown, LinkError
+from vmfenced.model import LinkState
+
+T = TypeVar("T")
+
+# pyvmomi's types are generated at run time; its partial annotations say less than they
+# should (every managed property may be None), so its objects are handled as Any here and
+# every value read is checked before use (vsphere_views).
+vim: Any = pyVmomi.vim
+vmodl: Any = pyVmomi.vmodl
+SmartConnect: Any = pyVim.connect.SmartConnect
+Disconnect: Any = pyVim.connect.Disconnect
+
+VM_PROPS = ("name", "config.instanceUuid", "config.files.vmPathName", "runtime.powerState")
+VM_HOST = "runtime.host"
+HOST_PROPS = ("name", "runtime.connectionState")
+BACKOFF_FIRST = 0.2
+BACKOFF_CAP = 10.0
+# WaitForUpdatesEx returns at least this often with nothing new, so the watcher notices a
+# close or a dead session within this (plus the call timeout).
+WATCH_WAIT_S = 5
+LOGIN_TIMEOUT = 10.0
+CALL_TIMEOUT = 10.0
+TASK_POLL_S = 0.01
+
+Listener = Callable[["VSphereSession"], None]
+
+
+class SessionLost(LinkError):
+    """vCenter no longer knows the session (NotAuthenticated): the supervisor logs in again."""
+
+
+def read_password(path: Path) -> str:
+    """The first line of the password file (no trailing newline); the password is never logged."""
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n", 1)[0]
+
+
+def ssl_context(config: HostConfig) -> ssl.SSLContext:
+    if not config.tls_verify or config.tls_thumbprint:
+        # The pin (checked by pyvmomi on every connection it opens) replaces the CA check.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(
+        cafile=None if config.tls_ca_file is None else str(config.tls_ca_file)
+    )
+
+
+class VSphereSession:
+    def __init__(
+        self,
+        config: HostConfig,
+        password: str,
+        *,
+        on_change: Listener | None = None,
+        call_timeout: float = CALL_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._password = password
+        self._on_change = on_change
+        self.call_timeout = call_timeout
+        self.state = LinkState.CONNECTING
+        self.since = time.time()
+        self.reason: str | None = None
+        self.inventory: Inventory | None = None
+        self.map_at: float | None = None
+        self.logins = 0
+        self._si: Any = None
+        self._lost = asyncio.Event()
+        self._up = asyncio.Event()
+        self._closing = threading.Event()
+        # Calls and the watcher never share a thread: a WaitForUpdatesEx in flight must not
+        # hold up a fence.
+        self._calls = concurrent.futures.ThreadPoolExecutor(4, f"{self.name}-call")
+        self._watch = concurrent.futures.ThreadPoolExecutor(1, f"{self.name}-watch")
+        self._watcher: asyncio.Future[None] | None = None
+        self._log = structlog.get_logger("vmfenced.vsphere").bind(host=self.name)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _set(self, state: LinkState, reason: str | None) -> None:
+        if state is not self.state or reason != self.reason:
+            self.state, self.reason, self.since = state, reason, time.time()
+            if self._on_change is not None:
+                self._on_change(self)
+
+    @property
+    def warnings(self) -> list[str]:
+        if not self.config.tls_verify:
+            return ["tls_verify = false: any certificate is accepted (labs only)"]
+        return []
+
+    async def wait_up(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), timeout)
+        return self._up.is_set()
+
+    # -- the supervisor ------------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        """Log in, watch, and log in again whenever the session is lost, backing off."""
+        backoff = BACKOFF_FIRST
+        loop = asyncio.get_running_loop()
+        while not self._closing.is_set():
+            try:
+                self._si = await asyncio.wait_for(
+                    loop.run_in_executor(self._calls, self._login), LOGIN_TIMEOUT
+                )
+                self.logins += 1
+                self._lost.clear()
+                self._watcher = loop.run_in_executor(self._watch, self._watch_loop, loop)
+                self._up.set()
+                self._set(LinkState.UP, None)
+                backoff = BACKOFF_FIRST
+                lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
+                watcher: asyncio.Future[Any] = self._watcher
+                done, _ = await asyncio.wait({lost, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                reason = "session lost"
+                if self._watcher in done and self._watcher.exception() is not None:
+                    reason = f"update watcher: {_describe(self._watcher.exception())}"
+                self._drop(reason)
+            except TimeoutError:
+                self._drop(f"login took more than {LOGIN_TIMEOUT} s")
+            except Exception as exc:  # any failure to log in is a reason, shown as such
+                self._drop(f"login failed: {_describe(exc)}")
+            if self._closing.is_set():
+                return
+            await asyncio.sleep(backoff)  # the reconnect backoff, not a synchronisation
+            backoff = min(BACKOFF_CAP, backoff * 2)
+
+    def _drop(self, reason: str) -> None:
+        self._up.clear()
+        si, self._si = self._si, None
+        if si is not None:
+            # Ends the watcher's WaitForUpdatesEx too (its requests fail on a closed session).
+            self._calls.submit(_quiet_disconnect, si)
+        self._set(LinkState.DOWN, reason)
+        self._log.warning("vsphere session down", reason=reason)
+
+    def _login(self) -> Any:
+        return SmartConnect(
+            host=self.config.address,
+            port=self.config.port,
+            user=self.config.username,
+            pwd=self._password,
+            sslContext=ssl_context(self.config),
+            thumbprint=self.config.tls_thumbprint,
+            httpConnectionTimeout=self.call_timeout,
+            connectionPoolTimeout=-1,
+        )
+
+    async def close(self) -> None:
+        self._closing.set()
+        self._drop("closed")
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._watcher), self.call_timeout)
+        self._calls.shutdown(wait=False, cancel_futures=True)
+        self._watch.shutdown(wait=False, cancel_futures=True)
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def call(self, what: str, function: Callable[..., T], *args: Any) -> T:
+        """`function(si, *args)` in a call thread, bounded; NotAuthenticated marks the session
+        lost (the supervisor logs in again) and fails this call: nothing is retried blindly."""
+        si = self._si
+        if si is None or not self._up.is_set():
+            raise LinkDown(self.name, "api", f"{what}: not logged in ({self.reason})")
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._calls, function, si, *args), self.call_timeout
+            )
+        except vim.fault.NotAuthenticated:
+            self._lost.set()
+            raise SessionLost(self.name, "api", f"{what}: session lost") from None
+        except TimeoutError:
+            raise LinkError(
+                self.name, "api", f"{what}: no answer in {self.call_timeout} s"
+            ) from None
+        except (vmodl.MethodFault, OSError) as exc:
+            raise LinkError(self.name, "api", f"{what}: {_describe(exc)}") from None
+
+    async def read(self) -> Inventory:
+        """A fresh read of every VM's and host's properties (one RetrievePropertiesEx)."""
+        return await self.call("inventory read", _read_inventory, self.config.datacenter)
+
+    async def power_off(self, moref: str, instance_uuid: str) -> str | None:
+        """PowerOffVM_Task on `moref` if it still is that VM; then a fresh read of its power
+        state (None: unreadable). InvalidPowerState (already off) is not an error: the read
+        tells."""
+        return await self.call(
+            "power off", _power, moref, instance_uuid, "PowerOffVM_Task", self.call_timeout
+        )
+
+    async def power_on(self, moref: str, instance_uuid: str) -> str | None:
+        return await self.call(
+            "power on", _power, moref, instance_uuid, "PowerOnVM_Task", self.call_timeout
+        )
+
+    # -- the watcher (its own thread) ----------------------------------------------------------
+
+    def _watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        si = self._si
+        if si is None:
+            return
+        content = si.RetrieveContent()
+        collector = content.propertyCollector.CreatePropertyCollector()
+        view = _container_view(content, self.config.datacenter)
+        collector.CreateFilter(_filter_spec(view), partialUpdates=True)
+        vms: dict[str, dict[str, Any]] = {}
+        hosts: dict[str, dict[str, Any]] = {}
+        version = ""
+        options = vmodl.query.PropertyCollector.WaitOptions(maxWaitSeconds=WATCH_WAIT_S)
+        try:
+            while not self._closing.is_set() and self._si is si:
+                update = collector.WaitForUpdatesEx(version, options)
+                if update is None:
+                    continue
+                version = update.version
+                for filter_update in update.filterSet:
+                    for change in filter_update.objectSet:
+                        _apply(change, vms, hosts)
+                inventory = _inventory(vms, hosts)
+                loop.call_soon_threadsafe(self._publish, inventory)
+        finally:
+            with contextlib.suppress(Exception):
+                collector.Destroy()
+
+    def _publish(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self.map_at = time.time()
+        if self._on_change is not None:
+            self._on_change(self)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "address": self.config.address,
+            "port": self.config.port,
+            "kind": self.config.kind,
+            "state": self.state.value,
+            "since": self.since,
+            "reason": self.reason,
+            "warnings": self.warnings,
+            "logins": self.logins,
+            "map_age_s": None if self.map_at is None else round(time.time() - self.map_at, 3),
+            "vm_count": None if self.inventory is None else len(self.inventory.vms),
+        }
+
+
+# -- blocking helpers (call threads) -----------------------------------------------------------
+
+
+def _quiet_disconnect(si: Any) -> None:
+    with contextlib.suppress(Exception):
+        Disconnect(si)
+
+
+def _describe(exc: BaseException | None) -> str:
+    message = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {' '.join(str(message).split())[:300]}"
+
+
+def _container_view(content: Any, datacenter: str | None) -> Any:
+    root = content.rootFolder
+    if datacenter is not None:
+        found = [e for e in root.childEntity if isinstance(e, vim.Datacenter)]
+        matches = [d for d in found if d.name == datacenter]
+        if len(matches) != 1:
+            raise LinkError("vsphere", "api", f"datacenter {datacenter!r}: {len(matches)} found")
+        root = matches[0]
+    return content.viewManager.CreateContainerView(root, [vim.VirtualMachine, vim.HostSystem], True)
+
+
+def _filter_spec(view: Any) -> Any:
+    pc = vmodl.query.PropertyCollector
+    traverse = pc.TraversalSpec(name="view", type=vim.view.ContainerView, path="view", skip=False)
+    return pc.FilterSpec(
+        objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[traverse])],
+        propSet=[
+            pc.PropertySpec(type=vim.VirtualMachine, pathSet=[*VM_PROPS, VM_HOST]),
+            pc.PropertySpec(type=vim.HostSystem, pathSet=list(HOST_PROPS)),
+        ],
+    )
+
+
+def _read_inventory(si: Any, datacenter: str | None) -> Inventory:
+    content = si.RetrieveContent()
+    view = _container_view(content, datacenter)
+    try:
+        collector = content.propertyCollector
+        options = vmodl.query.PropertyCollector.RetrieveOptions()
+        result = collector.RetrievePropertiesEx([_filter_spec(view)], options)
+        vms: dict[str, dict[str, Any]] = {}
+        hosts: dict[str, dict[str, Any]] = {}
+        while result is not None:
+            for content_obj in result.objects:
+                _apply_props(content_obj.obj, content_obj.propSet, vms, hosts)
+            if not result.token:
+                break
+            result = collector.ContinueRetrievePropertiesEx(result.token)
+        return _inventory(vms, hosts)
+    finally:
+        with contextlib.suppress(Exception):
+            view.Destroy()
+
+
+def _apply(change: Any, vms: dict[str, dict[str, Any]], hosts: dict[str, dict[str, Any]]) -> None:
+    moref = change.obj._moId
+    if change.kind == "leave":
+        vms.pop(moref, None)
+        hosts.pop(moref, None)
+        return
+    _apply_props(change.obj, change.changeSet, vms, hosts)
+
+
+def _apply_props(
+    obj: Any, props: Any, vms: dict[str, dict[str, Any]], hosts: dict[str, dict[str, Any]]
+) -> None:
+    table = vms if isinstance(obj, vim.VirtualMachine) else hosts
+    record = table.setdefault(obj._moId, {})
+    for prop in props:
+        value = getattr(prop, "val", None)
+        if getattr(prop, "op", "assign") == "remove":
+            value = None
+        # A managed object (the VM's host) is kept as its moref: the map holds plain data.
+        record[prop.name] = value._moId if isinstance(value, vim.ManagedEntity) else value
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value and len(value) <= 1024 else None
+
+
+def _inventory(vms: dict[str, dict[str, Any]], hosts: dict[str, dict[str, Any]]) -> Inventory:
+    """Plain records; a property of an unexpected type is kept as a value the views reject
+    (every byte a host sends is hostile input)."""
+    vm_records = {
+        moref: VMRecord(
+            moref=moref,
+            name=_text(p.get("name")) or "",
+            instance_uuid=_text(p.get("config.instanceUuid")),
+            power_state=str(p.get("runtime.powerState")),
+            host=_text(p.get(VM_HOST)),
+            config_file=_text(p.get("config.files.vmPathName")) or "",
+        )
+        for moref, p in vms.items()
+    }
+    host_records = {
+        moref: HostRecord(
+            moref=moref,
+            name=_text(p.get("name")) or moref,
+            connection_state=str(p.get("runtime.connectionState")),
+        )
+        for moref, p in hosts.items()
+    }
+    return Inventory(vm_records, host_records)
+
+
+def _power(si: Any, moref: str, instance_uuid: str, method: str, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    vm = vim.VirtualMachine(moref, si._stub)
+    # The moref must still be the VM the verdict chose: vCenter may have replaced it.
+    if vm.config.instanceUuid != instance_uuid:
+        raise LinkError("vsphere", "api", f"{moref} is no longer instance {instance_uuid}")
+    try:
+        task = getattr(vm, method)()
+    except vim.fault.InvalidPowerState:
+        task = None
+    if task is not None:
+        _wait_task(task, deadline)
+    state = vm.runtime.powerState
+    return state if isinstance(state, str) else None
+
+
+def _wait_task(task: Any, deadline: float) -> None:
+    """Polls the task's state with our own reads (not the default collector's WaitForUpdates,
+    which would take another waiter's updates); the call's timeout bounds it."""
+    while True:
+        info = task.info
+        if info.state == "success":
+            return
+        if info.state == "error":
+            raise LinkError("vsphere", "api", f"task failed: {_describe(info.error)}")
+        if time.monotonic() > deadline:
+            raise LinkError("vsphere", "api", f"task {info.key} still {info.state}")
+        time.sleep(TASK_POLL_S)  # polling the task with the call's deadline above it
