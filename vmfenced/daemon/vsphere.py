@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
+import hmac
 import ssl
 import threading
 import time
@@ -41,7 +43,7 @@ T = TypeVar("T")
 # every value read is checked before use (vsphere_views).
 vim: Any = pyVmomi.vim
 vmodl: Any = pyVmomi.vmodl
-SmartConnect: Any = pyVim.connect.SmartConnect
+SmartStubAdapter: Any = pyVim.connect.SmartStubAdapter
 Disconnect: Any = pyVim.connect.Disconnect
 
 VM_PROPS = ("name", "config.instanceUuid", "config.files.vmPathName", "runtime.powerState")
@@ -70,15 +72,38 @@ def read_password(path: Path) -> str:
 
 
 def ssl_context(config: HostConfig) -> ssl.SSLContext:
-    if not config.tls_verify or config.tls_thumbprint:
-        # The pin (checked by pyvmomi on every connection it opens) replaces the CA check.
+    """The system's CAs (or tls_ca_file) by default; a pinned thumbprint is checked on every
+    connection's handshake, whatever CA signed it. pyvmomi's own `thumbprint` argument is not
+    used: it checks the pin only when the context's verification fails, so with a context that
+    does not verify, any certificate passed (pyvmomi 9.1)."""
+    if config.tls_thumbprint is not None:
         context = ssl.create_default_context()
         context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context.verify_mode = ssl.CERT_NONE  # the pin below replaces the CA check
+        context.sslsocket_class = _pinned(bytes.fromhex(config.tls_thumbprint.replace(":", "")))
+        return context
+    if not config.tls_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # tls_verify = false: labs only, status warns
         return context
     return ssl.create_default_context(
         cafile=None if config.tls_ca_file is None else str(config.tls_ca_file)
     )
+
+
+def _pinned(pin: bytes) -> type[ssl.SSLSocket]:
+    class PinnedSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            super().do_handshake(block)
+            der = self.getpeercert(binary_form=True)
+            if der is None or not hmac.compare_digest(hashlib.sha256(der).digest(), pin):
+                self.close()
+                raise ssl.SSLCertVerificationError(
+                    "the server's certificate does not match tls_thumbprint"
+                )
+
+    return PinnedSocket
 
 
 class VSphereSession:
@@ -152,6 +177,8 @@ class VSphereSession:
                 watcher: asyncio.Future[Any] = self._watcher
                 done, _ = await asyncio.wait({lost, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 lost.cancel()
+                if self._closing.is_set():
+                    return
                 reason = "session lost"
                 if self._watcher in done and self._watcher.exception() is not None:
                     reason = f"update watcher: {_describe(self._watcher.exception())}"
@@ -175,23 +202,37 @@ class VSphereSession:
         self._log.warning("vsphere session down", reason=reason)
 
     def _login(self) -> Any:
-        return SmartConnect(
+        """The stub first, then Login: a refused login must not leave its socket open
+        (SmartConnect gives no way to close what it opened when Login fails)."""
+        stub = SmartStubAdapter(
             host=self.config.address,
             port=self.config.port,
-            user=self.config.username,
-            pwd=self._password,
             sslContext=ssl_context(self.config),
-            thumbprint=self.config.tls_thumbprint,
             httpConnectionTimeout=self.call_timeout,
             connectionPoolTimeout=-1,
         )
+        try:
+            si = vim.ServiceInstance("ServiceInstance", stub)
+            si.RetrieveContent().sessionManager.Login(self.config.username, self._password)
+        except BaseException:
+            stub.DropConnections()
+            raise
+        return si
 
     async def close(self) -> None:
         self._closing.set()
-        self._drop("closed")
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
+        self._up.clear()
+        si, self._si = self._si, None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            if si is not None:
+                await asyncio.wait_for(
+                    loop.run_in_executor(self._calls, _quiet_disconnect, si), self.call_timeout
+                )
+            if self._watcher is not None:
+                # Its WaitForUpdatesEx ends with the session (at most WATCH_WAIT_S later).
                 await asyncio.wait_for(asyncio.shield(self._watcher), self.call_timeout)
+        self._set(LinkState.DOWN, "closed")
         self._calls.shutdown(wait=False, cancel_futures=True)
         self._watch.shutdown(wait=False, cancel_futures=True)
 
@@ -261,8 +302,13 @@ class VSphereSession:
                 inventory = _inventory(vms, hosts)
                 loop.call_soon_threadsafe(self._publish, inventory)
         finally:
-            with contextlib.suppress(Exception):
-                collector.Destroy()
+            if self._si is si:
+                with contextlib.suppress(Exception):
+                    collector.Destroy()
+            else:
+                # The session was dropped meanwhile: this thread's pooled socket goes too.
+                with contextlib.suppress(Exception):
+                    si._stub.DropConnections()
 
     def _publish(self, inventory: Inventory) -> None:
         self.inventory = inventory
@@ -292,6 +338,9 @@ class VSphereSession:
 def _quiet_disconnect(si: Any) -> None:
     with contextlib.suppress(Exception):
         Disconnect(si)
+    # Disconnect logs out but leaves the stub's pooled sockets open.
+    with contextlib.suppress(Exception):
+        si._stub.DropConnections()
 
 
 def _describe(exc: BaseException | None) -> str:
