@@ -69,15 +69,14 @@ def test_restart_keeps_the_port_and_loses_the_state(vcsim_build: VcsimBuild) -> 
 
 
 def test_method_delay_slows_that_method_only(vcsim_build: VcsimBuild) -> None:
-    with Vcsim(vcsim_build, method_delay={"PowerOffVM_Task": 400}) as sim:
-        with Actor(sim) as act:
-            vm = act.vm("DC0_H0_VM0")
-            start = time.monotonic()
-            vm.PowerOffVM_Task()
-            slow = time.monotonic() - start
-            start = time.monotonic()
-            vm.PowerOnVM_Task()
-            fast = time.monotonic() - start
+    with Vcsim(vcsim_build, method_delay={"PowerOffVM_Task": 400}) as sim, Actor(sim) as act:
+        vm = act.vm("DC0_H0_VM0")
+        start = time.monotonic()
+        vm.PowerOffVM_Task()
+        slow = time.monotonic() - start
+        start = time.monotonic()
+        vm.PowerOnVM_Task()
+        fast = time.monotonic() - start
     # Not a timing assertion on our code: the simulator's configured delay is the subject.
     assert slow >= 0.4 > fast
 
@@ -98,9 +97,13 @@ def test_fence_vmware_soap_against_the_wsdl_lab(vcsim_build: VcsimBuild) -> None
     with Vcsim(vcsim_build, wsdl=True) as sim:
         base = [agent, "-a", "127.0.0.1", "-u", str(sim.port), "--ssl-insecure"]
         base += ["-l", USERNAME, "-p", PASSWORD, "-n", "DC0_H0_VM1"]
-        off = subprocess.run([*base, "-o", "off"], capture_output=True, text=True, timeout=60)
+        off = subprocess.run(
+            [*base, "-o", "off"], capture_output=True, text=True, timeout=60, check=False
+        )
         assert off.returncode == 0, off.stderr
-        status = subprocess.run([*base, "-o", "status"], capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [*base, "-o", "status"], capture_output=True, text=True, timeout=60, check=False
+        )
         assert (status.returncode, status.stdout.strip()) == (2, "Status: OFF")
         with Actor(sim) as act:
             assert act.vm("DC0_H0_VM1").runtime.powerState == "poweredOff"

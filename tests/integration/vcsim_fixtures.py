@@ -19,6 +19,7 @@ from tests.integration.conftest import skip_without
 from vmflab.vcsim import PASSWORD, USERNAME, Vcsim, VcsimBuild, build, vcsim_unavailable
 
 vim: Any = pyVmomi.vim
+connect: Any = pyVim.connect
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ class Actor:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE  # vcsim's built-in test certificate
-        self.si: Any = pyVim.connect.SmartConnect(
+        self.si: Any = connect.SmartConnect(
             host="127.0.0.1", port=sim.port, user=USERNAME, pwd=PASSWORD, sslContext=context
         )
         self.content: Any = self.si.RetrieveContent()
@@ -99,7 +100,7 @@ class Actor:
 
     def close(self) -> None:
         try:
-            pyVim.connect.Disconnect(self.si)
+            connect.Disconnect(self.si)
         finally:
             # Disconnect logs out but leaves the pooled sockets open.
             self.si._stub.DropConnections()
