@@ -1,0 +1,172 @@
+"""vCenter's hosts as the fencer's hosts: how a non-SSH host plugs into the daemon.
+
+The fencer (fence.py) and the evidence gatherer (evidence.py) call a handful of a `Host`'s
+methods: `list_running`, `list_registered`, `kill_and_list`, `power_on`, and read `state`,
+`listing_problem`, `name`. An `ApiHost` answers the same calls for one HostSystem of a vsphere
+entry (named "vc1/esx-01") from that entry's session: listings from one property read shared by
+every host of the entry (`VSphereEntry.read`, coalesced like an SSH listing), the "kill" is
+PowerOffVM_Task and a fresh powerState read. The verdict module decides, unchanged.
+
+`VSphereEntry.feed` writes the session's live map into the VMMap on every update (no inventory
+loop, no polling): the fencer's fast path and its beliefs about silent hosts come from there.
+docs/vsphere.md ("Plugging in") says what is left for the host set, status and reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from vmfenced.daemon import vsphere_views
+from vmfenced.daemon.evidence import Coalesced
+from vmfenced.daemon.vsphere import VSphereSession
+from vmfenced.daemon.vsphere_views import HostRecord, Inventory
+from vmfenced.errors import LinkDown, LinkError, ListingDoubt
+from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM, VMMap
+
+
+class VSphereEntry:
+    """One vsphere [[hosts]] entry: its session, its shared reads, its hosts."""
+
+    def __init__(self, session: VSphereSession) -> None:
+        self.session = session
+        self.name = session.name
+        self._read: Coalesced[Inventory] = Coalesced(session.read)
+
+    async def read(self, since: float, timeout: float) -> Inventory:
+        """A read that started at or after `since` (monotonic), shared with other waiters."""
+        try:
+            return await asyncio.wait_for(self._read.get(since), timeout)
+        except TimeoutError:
+            raise LinkError(self.name, "api", f"no inventory read within {timeout:g} s") from None
+
+    def hosts(self) -> dict[str, ApiHost]:
+        """One ApiHost per HostSystem of the live map (empty until the first update)."""
+        inventory = self.session.inventory
+        if inventory is None:
+            return {}
+        made = (ApiHost(self, record) for record in inventory.hosts.values())
+        return {host.name: host for host in made}
+
+    def feed(self, vmmap: VMMap, inventory: Inventory, at: float) -> None:
+        """vCenter's placement of every running VM, as each host's latest listing. A host
+        vCenter shows disconnected keeps vCenter's last word: a belief, never an answer."""
+        for record in inventory.hosts.values():
+            name = vsphere_views.view_name(self.name, record)
+            here = [v for v in inventory.vms.values() if v.host == record.moref]
+            running = tuple(
+                vsphere_views.running(v)
+                for v in here
+                if v.power_state in vsphere_views.RUNNING_STATES
+            )
+            vmmap.update_running(name, running, at)
+            vmmap.update_registered(name, tuple(vsphere_views.registered(v) for v in here))
+
+
+class ApiHost:
+    """One HostSystem of a vsphere entry, answering as a `Host` does (see the module doc)."""
+
+    def __init__(self, entry: VSphereEntry, record: HostRecord) -> None:
+        self.entry = entry
+        self.moref = record.moref
+        self.name = vsphere_views.view_name(entry.name, record)
+        self.listing_problem: str | None = None
+        # No SSH lanes: the evidence gatherer passes `host.fence` to list_running, unused here.
+        self.fence: Any = None
+        self.inventory: Any = None
+
+    @property
+    def state(self) -> LinkState:
+        inventory = self.entry.session.inventory
+        record = None if inventory is None else inventory.hosts.get(self.moref)
+        if self.entry.session.state is not LinkState.UP or record is None:
+            return LinkState.DOWN
+        return LinkState.UP if record.connection_state == "connected" else LinkState.DOWN
+
+    def _mine(self, inventory: Inventory) -> list[vsphere_views.VMRecord]:
+        record = inventory.hosts.get(self.moref)
+        if record is None:
+            raise LinkDown(self.name, "api", "no longer in vCenter's inventory")
+        if record.connection_state != "connected":
+            raise LinkDown(self.name, "api", f"vCenter shows the host {record.connection_state}")
+        return [v for v in inventory.vms.values() if v.host == self.moref]
+
+    async def _fresh(self, timeout: float) -> Inventory:
+        return await self.entry.read(time.monotonic(), timeout)
+
+    def _running(self, inventory: Inventory) -> tuple[RunningVM, ...]:
+        out = []
+        for vm in self._mine(inventory):
+            if vm.power_state not in vsphere_views.POWER_STATES or not vm.instance_uuid:
+                reason = f"{vm.moref}: power state {vm.power_state!r}, uuid {vm.instance_uuid!r}"
+                self.listing_problem = reason
+                raise ListingDoubt(self.name, "api", reason)
+            if vm.power_state in vsphere_views.RUNNING_STATES:
+                out.append(vsphere_views.running(vm))
+        self.listing_problem = None
+        return tuple(out)
+
+    async def list_running(self, lane: Any, timeout: float) -> tuple[RunningVM, ...]:
+        return self._running(await self._fresh(timeout))
+
+    async def list_registered(
+        self, timeout: float, *, urgent: bool = False
+    ) -> tuple[RegisteredVM, ...]:
+        inventory = await self._fresh(timeout)
+        return tuple(vsphere_views.registered(v) for v in self._mine(inventory))
+
+    async def kill_and_list(
+        self, vm: RunningVM, timeout: float
+    ) -> tuple[KillOutcome, tuple[RunningVM, ...] | None]:
+        """PowerOffVM_Task on the instance the verdict chose (by instance UUID, re-checked on
+        its moref right before the call), its fresh powerState, then this host's listing
+        from a read started after it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A fresh read, not the map: the map may not have seen a move yet, and the power-off
+        # would then be reported on the wrong host (found by test_fencer_when_the_map_is_stale).
+        record = vsphere_views.find(await self._fresh(timeout), vm)
+        if record is None or record.host != self.moref or record.instance_uuid is None:
+            # Not here (moved, gone): the verdict searches again.
+            return KillOutcome.NOT_RUNNING, None
+        state = await asyncio.wait_for(
+            self.entry.session.power_off(record.moref, record.instance_uuid),
+            max(0.05, deadline - loop.time()),
+        )
+        outcome = vsphere_views.kill_outcome(state)
+        if outcome is None:
+            raise LinkError(self.name, "api", f"power state after the power-off: {state!r}")
+        try:
+            after = self._running(await self._fresh(max(0.05, deadline - loop.time())))
+        except LinkError:
+            return outcome, None
+        return outcome, after
+
+    async def power_on(self, vm: RegisteredVM) -> None:
+        inventory = await self._fresh(self.entry.session.call_timeout)
+        record = inventory.vms.get(vm.vmid)
+        if record is None or record.host != self.moref or record.instance_uuid is None:
+            raise LinkError(self.name, "api", f"{vm.vmid} is no longer registered here")
+        state = await self.entry.session.power_on(record.moref, record.instance_uuid)
+        if state not in vsphere_views.RUNNING_STATES:
+            raise LinkError(self.name, "api", f"{vm.name} is {state} after PowerOnVM_Task")
+
+    def snapshot(self, inventory_at: float | None, vm_count: int) -> dict[str, Any]:
+        session = self.entry.session
+        return {
+            "name": self.name,
+            "address": session.config.address,
+            "port": session.config.port,
+            "kind": "vsphere",
+            "state": self.state.value,
+            "since": session.since,
+            "reason": session.reason,
+            "listing_problem": self.listing_problem,
+            "lanes": {"api": session.state.value},
+            "warnings": session.warnings,
+            "inventory_age_s": None
+            if inventory_at is None
+            else round(max(0.0, time.time() - inventory_at), 3),
+            "vm_count": vm_count,
+        }
