@@ -20,6 +20,7 @@ from typing import Any
 
 from vmfenced.daemon import vsphere_views
 from vmfenced.daemon.evidence import Coalesced
+from vmfenced.daemon.host import Host
 from vmfenced.daemon.vsphere import VSphereSession
 from vmfenced.daemon.vsphere_views import HostRecord, Inventory
 from vmfenced.errors import LinkDown, LinkError, ListingDoubt
@@ -170,3 +171,91 @@ class ApiHost:
             else round(max(0.0, time.time() - inventory_at), 3),
             "vm_count": vm_count,
         }
+
+
+class HybridHost:
+    """An ESXi host with an SSH entry (`vsphere_name`) that vCenter also manages: one host to
+    the verdict, named after the SSH entry (never twice, or one VM would be two instances).
+
+    With its SSH fence lane up, its listings are the lane's (processes are the ground truth on
+    ESXi) and the kill is the guarded kill over the lane (milliseconds). With the lane down,
+    its listings are vCenter's for that host and the kill is PowerOffVM_Task: the fallback. An
+    instance found through vCenter (cartel 0) is always powered off through vCenter.
+    """
+
+    def __init__(self, ssh: Host, api: ApiHost) -> None:
+        self.ssh = ssh
+        self.api = api
+        self.name = ssh.name
+        self.fence = ssh.fence
+        self.inventory = ssh.inventory
+        self.config = ssh.config
+
+    @property
+    def _lane_up(self) -> bool:
+        return self.ssh.fence.state is LinkState.UP
+
+    @property
+    def state(self) -> LinkState:
+        return LinkState.UP if self._lane_up else self.api.state
+
+    @property
+    def listing_problem(self) -> str | None:
+        return self.ssh.listing_problem if self._lane_up else self.api.listing_problem
+
+    def path(self) -> str:
+        """Which way a fence of a VM on this host goes now (for status)."""
+        return f"ssh:{self.name}" if self._lane_up else f"api:{self.api.entry.name}"
+
+    async def list_running(self, lane: Any, timeout: float) -> tuple[RunningVM, ...]:
+        if self._lane_up:
+            return await self.ssh.list_running(self.ssh.fence, timeout)
+        return await self.api.list_running(None, timeout)
+
+    async def list_registered(
+        self, timeout: float, *, urgent: bool = False
+    ) -> tuple[RegisteredVM, ...]:
+        if self._lane_up:
+            return await self.ssh.list_registered(timeout, urgent=urgent)
+        return await self.api.list_registered(timeout, urgent=urgent)
+
+    async def kill_and_list(
+        self, vm: RunningVM, timeout: float
+    ) -> tuple[KillOutcome, tuple[RunningVM, ...] | None]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        fallback_reason = "the SSH lane is down"
+        if vm.cartel != 0 and self._lane_up:
+            try:
+                return await self.ssh.kill_and_list(vm, timeout)
+            except LinkError as exc:
+                # The lane failed under the kill (which may have run): vCenter powers the VM
+                # off, or finds it off; either way its fresh read decides.
+                fallback_reason = exc.reason
+        api_vm = vm if vm.cartel == 0 else await self._by_name(vm.name, deadline - loop.time())
+        if api_vm is None:
+            raise LinkError(
+                self.name,
+                "api",
+                f"fallback after {fallback_reason}: vCenter does not show exactly one "
+                f"{vm.name!r} on this host",
+            )
+        return await self.api.kill_and_list(api_vm, max(0.05, deadline - loop.time()))
+
+    async def _by_name(self, name: str, timeout: float) -> RunningVM | None:
+        """The instance vCenter places on this host under `name` (None: not exactly one)."""
+        inventory = await self.api.entry.read(time.monotonic(), max(0.05, timeout))
+        here = [
+            v
+            for v in inventory.named(name)
+            if v.host == self.api.moref and v.power_state in vsphere_views.RUNNING_STATES
+        ]
+        return vsphere_views.running(here[0]) if len(here) == 1 else None
+
+    async def power_on(self, vm: RegisteredVM) -> None:
+        # The registration came from the listing that found it: ESXi's vim-cmd vmids are
+        # decimal, vCenter's are morefs ("vm-42").
+        if vm.vmid.isdecimal():
+            await self.ssh.power_on(vm)
+        else:
+            await self.api.power_on(vm)
