@@ -7,6 +7,7 @@ The lab's ESXi host esx1 (real sshd, VM processes) plays vcsim's host DC0_C0_H0
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +23,7 @@ from vmfenced.config import HostConfig, SSHConfig
 from vmfenced.daemon.fence import Fencer
 from vmfenced.daemon.host import Host
 from vmfenced.daemon.vsphere import VSphereSession
-from vmfenced.daemon.vsphere_host import HybridHost, VSphereEntry
+from vmfenced.daemon.vsphere_host import HybridHost, VSphereEntry, wire
 from vmfenced.model import LinkState, VMMap
 from vmflab import Lab
 from vmflab.procs import stopped as frozen
@@ -62,16 +63,14 @@ class Hybrid:
         self.fencer = Fencer(cast(dict[str, Host], self.hosts), self.vmmap, {}, 10, lambda _: None)
 
     def changed(self, session: VSphereSession) -> None:
+        """What the host set will do on each update: the hosts in one synchronous step."""
         if session.inventory is None:
             return
-        api = self.entry.hosts()
-        mapped = api.pop(f"vc1/{MAPPED}", None)
-        wanted: dict[str, Any] = dict(api)
-        if mapped is not None:
-            wanted[self.esx1.name] = HybridHost(self.esx1, mapped)
+        wanted = wire(self.entry, {MAPPED: self.esx1})
         if set(wanted) != set(self.hosts):
             self.hosts.clear()
             self.hosts.update(wanted)
+        self.entry.feed(self.vmmap, session.inventory, time.time(), skip={MAPPED})
 
 
 @pytest_asyncio.fixture

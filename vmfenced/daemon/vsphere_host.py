@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from vmfenced.daemon import vsphere_views
@@ -50,10 +51,15 @@ class VSphereEntry:
         made = (ApiHost(self, record) for record in inventory.hosts.values())
         return {host.name: host for host in made}
 
-    def feed(self, vmmap: VMMap, inventory: Inventory, at: float) -> None:
+    def feed(
+        self, vmmap: VMMap, inventory: Inventory, at: float, skip: Collection[str] = ()
+    ) -> None:
         """vCenter's placement of every running VM, as each host's latest listing. A host
-        vCenter shows disconnected keeps vCenter's last word: a belief, never an answer."""
+        vCenter shows disconnected keeps vCenter's last word: a belief, never an answer.
+        `skip`: vCenter names of hosts an SSH entry maps (their own listings are the map's)."""
         for record in inventory.hosts.values():
+            if record.name in skip:
+                continue
             name = vsphere_views.view_name(self.name, record)
             here = [v for v in inventory.vms.values() if v.host == record.moref]
             running = tuple(
@@ -71,6 +77,7 @@ class ApiHost:
     def __init__(self, entry: VSphereEntry, record: HostRecord) -> None:
         self.entry = entry
         self.moref = record.moref
+        self.host_name = record.name  # vCenter's name of the host (what vsphere_name names)
         self.name = vsphere_views.view_name(entry.name, record)
         self.listing_problem: str | None = None
         # No SSH lanes: the evidence gatherer passes `host.fence` to list_running, unused here.
@@ -259,3 +266,17 @@ class HybridHost:
             await self.ssh.power_on(vm)
         else:
             await self.api.power_on(vm)
+
+
+def wire(entry: VSphereEntry, mapped: Mapping[str, Host]) -> dict[str, ApiHost | HybridHost]:
+    """The fencer's hosts for one vsphere entry: an ApiHost per vCenter host, except hosts an
+    SSH entry maps (`mapped`: SSH hosts by their vsphere_name), which are one HybridHost
+    under the SSH entry's name."""
+    out: dict[str, ApiHost | HybridHost] = {}
+    for host in entry.hosts().values():
+        ssh = mapped.get(host.host_name)
+        if ssh is None:
+            out[host.name] = host
+        else:
+            out[ssh.name] = HybridHost(ssh, host)
+    return out
