@@ -9,36 +9,60 @@ timed part):
   WSDL, finds the VM, powers it off and logs out, what it does under Pacemaker;
 - vmfenced's `off` on its warm session (vmfenced.daemon.vsphere_fence.off: a fresh inventory
   read, PowerOffVM_Task, a fresh powerState read, a read after it, the verdict's rules).
+Then the hybrid path (unless --no-hybrid): the lab's ESXi host esx1 (real sshd, a VM process)
+mapped to vcsim's DC0_C0_H0, the daemon's Fencer over vCenter's hosts (vsphere_host.wire),
+`off` of the same VM alternately with esx1 as a HybridHost (the guarded kill over its warm SSH
+lane, vCenter the map) and as a plain ApiHost (PowerOffVM_Task), on the default vcsim and with
+the PowerOffVM_Task delay.
 Not yet here: fence_vmfenced through the daemon (the daemon does not serve kind = "vsphere"
-yet) and the hybrid path (docs/vsphere.md). Prints Markdown tables of medians, p95 and ratios.
-Not a test: no assertion on time.
+yet). Prints Markdown tables of medians, p95 and ratios. Not a test: no assertion on time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
-from vmfenced.config import HostConfig
+import asyncssh
+import pyVim.connect
+import pyVmomi
+
+from vmfenced.backends.registry import BACKENDS
+from vmfenced.config import HostConfig, SSHConfig
 from vmfenced.daemon import vsphere_fence
+from vmfenced.daemon.fence import Fencer
+from vmfenced.daemon.host import Host
 from vmfenced.daemon.verdict import Step
 from vmfenced.daemon.vsphere import VSphereSession
+from vmfenced.daemon.vsphere_host import VSphereEntry, wire
+from vmfenced.model import LinkState, VMMap
+from vmflab import Lab
 from vmflab.stats import percentile
-from vmflab.vcsim import PASSWORD, USERNAME, Vcsim, build
+from vmflab.vcsim import PASSWORD, USERNAME, Vcsim, VcsimBuild, build
 
 FENCE_SOAP = "/usr/sbin/fence_vmware_soap"
 VMS = ("DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1", "DC0_H0_VM0", "DC0_H0_VM1")
 SOAP = "fence_vmware_soap -o off (new process, login + WSDL each call)"
 WARM = "vmfenced off on the warm session (daemon-side)"
 WAIT_S = 10.0
+HYBRID_VM = "DC0_C0_RP0_VM0"
+MAPPED = "DC0_C0_H0"
+VIA_SSH = "Fencer off, hybrid: guarded kill over esx1's SSH lane, vCenter the map"
+VIA_API = "Fencer off, API path: PowerOffVM_Task on the same host"
 
 Rows = dict[str, list[float]]
+vim: Any = pyVmomi.vim
+SmartConnect: Any = pyVim.connect.SmartConnect
+Disconnect: Any = pyVim.connect.Disconnect
 
 
 def soap_off(port: int, vm: str) -> float:
@@ -52,11 +76,11 @@ def soap_off(port: int, vm: str) -> float:
     return elapsed
 
 
-async def setting(sim: Vcsim, workdir: Path, n: int) -> Rows:
+def vsphere_config(sim: Vcsim, workdir: Path) -> HostConfig:
     secret = workdir / "pw"
     secret.write_text(PASSWORD + "\n")
     secret.chmod(0o600)
-    config = HostConfig(
+    return HostConfig(
         name="vc1",
         address="127.0.0.1",
         port=sim.port,
@@ -65,7 +89,10 @@ async def setting(sim: Vcsim, workdir: Path, n: int) -> Rows:
         password_file=secret,
         tls_verify=False,
     )
-    session = VSphereSession(config, PASSWORD, call_timeout=30)
+
+
+async def setting(sim: Vcsim, workdir: Path, n: int) -> Rows:
+    session = VSphereSession(vsphere_config(sim, workdir), PASSWORD, call_timeout=30)
     task = asyncio.create_task(session.supervise())
     rows: Rows = {SOAP: [], WARM: []}
     try:
@@ -90,7 +117,83 @@ async def setting(sim: Vcsim, workdir: Path, n: int) -> Rows:
     return rows
 
 
-def table(title: str, rows: Rows) -> str:
+async def until(condition: Callable[[], bool], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not condition():
+        if loop.time() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)  # polling a condition with a deadline
+
+
+async def hybrid(lab: Lab, sim: Vcsim, workdir: Path, n: int) -> Rows:
+    """esx1 as a HybridHost, then as a plain ApiHost, alternately, on the same VM."""
+    lab_host = lab.hosts["esx1"]
+    esx1 = Host(
+        HostConfig(name="esx1", address=lab_host.address, port=lab_host.port),
+        SSHConfig(
+            username=lab.username, client_keys=(lab.client_key,), known_hosts=lab.known_hosts
+        ),
+        BACKENDS["esxi"],
+        [asyncssh.read_private_key(lab.client_key)],
+        lambda _h, _l: None,
+    )
+    tasks: list[asyncio.Task[None]] = []
+    esx1.start(lambda coro, name: tasks.append(asyncio.create_task(coro, name=name)))
+    session = VSphereSession(vsphere_config(sim, workdir), PASSWORD, call_timeout=30)
+    tasks.append(asyncio.create_task(session.supervise()))
+    entry = VSphereEntry(session)
+    hosts: dict[str, Any] = {}
+    fencer = Fencer(cast(dict[str, Host], hosts), VMMap(), {}, 30, lambda _: None)
+    rows: Rows = {VIA_SSH: [], VIA_API: []}
+    try:
+        await until(lambda: session.inventory is not None, "the vCenter map")
+        await until(lambda: esx1.fence.state is LinkState.UP, "esx1's lane")
+        await asyncio.to_thread(relocate, sim.port)
+        for _ in range(n):
+            for row, mapped in ((VIA_SSH, {MAPPED: esx1}), (VIA_API, {})):
+                hosts.clear()
+                hosts.update(wire(entry, mapped))
+                await asyncio.to_thread(lab_host.start_vm, HYBRID_VM)
+                await vsphere_fence.on(session, HYBRID_VM)
+                start = time.perf_counter()
+                result, _ = await fencer.fence(HYBRID_VM, "off")
+                rows[row].append((time.perf_counter() - start) * 1000)
+                if result.outcome != "killed":
+                    raise RuntimeError(f"{row}: {result}")
+                # The API row powered the vCenter VM off, not the lab process: stop it too.
+                if HYBRID_VM in await asyncio.to_thread(lab_host.vm_pids):
+                    await asyncio.to_thread(lab_host.stop_vm, HYBRID_VM)
+    finally:
+        await session.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await esx1.close()
+    return rows
+
+
+def relocate(port: int) -> None:
+    """Puts the benchmark's VM on the mapped host (vcsim placed it anywhere in the cluster)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # vcsim's built-in test certificate
+    si = SmartConnect(host="127.0.0.1", port=port, user=USERNAME, pwd=PASSWORD, sslContext=context)
+    try:
+        content = si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(
+            content.rootFolder, [vim.VirtualMachine, vim.HostSystem], True
+        )
+        objects = {o.name: o for o in view.view}
+        view.Destroy()
+        spec = vim.vm.RelocateSpec(host=objects[MAPPED])
+        objects[HYBRID_VM].RelocateVM_Task(spec)
+    finally:
+        Disconnect(si)
+        si._stub.DropConnections()
+
+
+def table(title: str, rows: Rows, pair: tuple[str, str] = (SOAP, WARM)) -> str:
     lines = [
         f"\n### {title}\n",
         "| what | runs | median ms | p95 ms |",
@@ -99,15 +202,30 @@ def table(title: str, rows: Rows) -> str:
     for name, values in rows.items():
         median = statistics.median(values)
         lines.append(f"| {name} | {len(values)} | {median:.2f} | {percentile(values, 0.95):.2f} |")
-    ratio = statistics.median(rows[SOAP]) / statistics.median(rows[WARM])
-    lines += ["", f"fence_vmware_soap / vmfenced warm session: **{ratio:.0f}x**"]
+    slow, fast = pair
+    ratio = statistics.median(rows[slow]) / statistics.median(rows[fast])
+    lines += ["", f"{slow} / {fast}: **{ratio:.1f}x**"]
     return "\n".join(lines)
+
+
+def hybrid_tables(
+    done: VcsimBuild, workdir: Path, settings: list[tuple[str, int | None]], n: int
+) -> list[str]:
+    out = []
+    with Lab(workdir / "lab", host_names=("esx1",)) as lab:
+        for title, delay in settings:
+            method_delay = None if delay is None else {"PowerOffVM_Task": delay}
+            with Vcsim(done, method_delay=method_delay) as sim:
+                rows = asyncio.run(hybrid(lab, sim, workdir, n))
+            out.append(table(f"hybrid against API path, {title}", rows, (VIA_API, VIA_SSH)))
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, default=10, help="runs per agent and setting (default 10)")
     parser.add_argument("--quick", action="store_true", help="2 of each: proves it still runs")
+    parser.add_argument("--no-hybrid", action="store_true", help="skip the hybrid rows")
     parser.add_argument(
         "--delay-ms", type=int, default=1000, help="-method-delay of PowerOffVM_Task (1000)"
     )
@@ -126,6 +244,8 @@ def main() -> int:
             with Vcsim(done, wsdl=True, method_delay=method_delay) as sim:
                 rows = asyncio.run(setting(sim, Path(tmp), n))
             out.append(table(title, rows))
+        if not args.no_hybrid:
+            out += hybrid_tables(done, Path(tmp), settings, n)
     print("\n".join(out))
     return 0
 
