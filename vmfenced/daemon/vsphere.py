@@ -127,6 +127,8 @@ class VSphereSession:
         self.map_at: float | None = None
         self.logins = 0
         self._si: Any = None
+        self._content: Any = None
+        self._view: Any = None
         self._lost = asyncio.Event()
         self._up = asyncio.Event()
         self._closing = threading.Event()
@@ -164,7 +166,7 @@ class VSphereSession:
         loop = asyncio.get_running_loop()
         while not self._closing.is_set():
             try:
-                self._si = await asyncio.wait_for(
+                self._si, self._content, self._view = await asyncio.wait_for(
                     loop.run_in_executor(self._calls, self._login), LOGIN_TIMEOUT
                 )
                 self.logins += 1
@@ -201,7 +203,7 @@ class VSphereSession:
         self._set(LinkState.DOWN, reason)
         self._log.warning("vsphere session down", reason=reason)
 
-    def _login(self) -> Any:
+    def _login(self) -> tuple[Any, Any, Any]:
         """The stub first, then Login: a refused login must not leave its socket open
         (SmartConnect gives no way to close what it opened when Login fails)."""
         stub = SmartStubAdapter(
@@ -213,11 +215,14 @@ class VSphereSession:
         )
         try:
             si = vim.ServiceInstance("ServiceInstance", stub)
-            si.RetrieveContent().sessionManager.Login(self.config.username, self._password)
+            content = si.RetrieveContent()
+            content.sessionManager.Login(self.config.username, self._password)
+            # Kept for the session's life: a fresh read is then one round trip, not three.
+            view = _container_view(content, self.config.datacenter)
         except BaseException:
             stub.DropConnections()
             raise
-        return si
+        return si, content, view
 
     async def close(self) -> None:
         self._closing.set()
@@ -252,6 +257,13 @@ class VSphereSession:
         except vim.fault.NotAuthenticated:
             self._lost.set()
             raise SessionLost(self.name, "api", f"{what}: session lost") from None
+        except vmodl.fault.ManagedObjectNotFound as exc:
+            if self._view is not None and getattr(exc.obj, "_moId", None) == self._view._moId:
+                # The session's own view is gone: so is the session (vcsim deletes a
+                # terminated session's objects before it answers NotAuthenticated).
+                self._lost.set()
+                raise SessionLost(self.name, "api", f"{what}: session lost") from None
+            raise LinkError(self.name, "api", f"{what}: {_describe(exc)}") from None
         except TimeoutError:
             raise LinkError(
                 self.name, "api", f"{what}: no answer in {self.call_timeout} s"
@@ -261,7 +273,7 @@ class VSphereSession:
 
     async def read(self) -> Inventory:
         """A fresh read of every VM's and host's properties (one RetrievePropertiesEx)."""
-        return await self.call("inventory read", _read_inventory, self.config.datacenter)
+        return await self.call("inventory read", _read_inventory, self._content, self._view)
 
     async def power_off(self, moref: str, instance_uuid: str) -> str | None:
         """PowerOffVM_Task on `moref` if it still is that VM; then a fresh read of its power
@@ -371,25 +383,19 @@ def _filter_spec(view: Any) -> Any:
     )
 
 
-def _read_inventory(si: Any, datacenter: str | None) -> Inventory:
-    content = si.RetrieveContent()
-    view = _container_view(content, datacenter)
-    try:
-        collector = content.propertyCollector
-        options = vmodl.query.PropertyCollector.RetrieveOptions()
-        result = collector.RetrievePropertiesEx([_filter_spec(view)], options)
-        vms: dict[str, dict[str, Any]] = {}
-        hosts: dict[str, dict[str, Any]] = {}
-        while result is not None:
-            for content_obj in result.objects:
-                _apply_props(content_obj.obj, content_obj.propSet, vms, hosts)
-            if not result.token:
-                break
-            result = collector.ContinueRetrievePropertiesEx(result.token)
-        return _inventory(vms, hosts)
-    finally:
-        with contextlib.suppress(Exception):
-            view.Destroy()
+def _read_inventory(si: Any, content: Any, view: Any) -> Inventory:
+    collector = content.propertyCollector
+    options = vmodl.query.PropertyCollector.RetrieveOptions()
+    result = collector.RetrievePropertiesEx([_filter_spec(view)], options)
+    vms: dict[str, dict[str, Any]] = {}
+    hosts: dict[str, dict[str, Any]] = {}
+    while result is not None:
+        for content_obj in result.objects:
+            _apply_props(content_obj.obj, content_obj.propSet, vms, hosts)
+        if not result.token:
+            break
+        result = collector.ContinueRetrievePropertiesEx(result.token)
+    return _inventory(vms, hosts)
 
 
 def _apply(change: Any, vms: dict[str, dict[str, Any]], hosts: dict[str, dict[str, Any]]) -> None:
