@@ -18,37 +18,35 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
-import hmac
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyVim.connect
-import pyVmomi
 import structlog
 
 from vmfenced.config import HostConfig
-from vmfenced.daemon.vsphere_views import HostRecord, Inventory, VMRecord
+from vmfenced.daemon.vsphere_calls import (
+    SmartStubAdapter,
+    apply_change,
+    container_view,
+    describe,
+    filter_spec,
+    power,
+    quiet_disconnect,
+    read_inventory,
+    ssl_context,
+    to_inventory,
+    vim,
+    vmodl,
+)
+from vmfenced.daemon.vsphere_views import Inventory
 from vmfenced.errors import LinkDown, LinkError
 from vmfenced.model import LinkState
 
 T = TypeVar("T")
 
-# pyvmomi's types are generated at run time; its partial annotations say less than they
-# should (every managed property may be None), so its objects are handled as Any here and
-# every value read is checked before use (vsphere_views).
-vim: Any = pyVmomi.vim
-vmodl: Any = pyVmomi.vmodl
-SmartStubAdapter: Any = pyVim.connect.SmartStubAdapter
-Disconnect: Any = pyVim.connect.Disconnect
-
-VM_PROPS = ("name", "config.instanceUuid", "config.files.vmPathName", "runtime.powerState")
-VM_HOST = "runtime.host"
-HOST_PROPS = ("name", "runtime.connectionState")
 BACKOFF_FIRST = 0.2
 BACKOFF_CAP = 10.0
 # WaitForUpdatesEx returns at least this often with nothing new, so the watcher notices a
@@ -56,7 +54,6 @@ BACKOFF_CAP = 10.0
 WATCH_WAIT_S = 5
 LOGIN_TIMEOUT = 10.0
 CALL_TIMEOUT = 10.0
-TASK_POLL_S = 0.01
 
 Listener = Callable[["VSphereSession"], None]
 
@@ -69,41 +66,6 @@ def read_password(path: Path) -> str:
     """The first line of the password file (no trailing newline); the password is never logged."""
     text = path.read_text(encoding="utf-8")
     return text.split("\n", 1)[0]
-
-
-def ssl_context(config: HostConfig) -> ssl.SSLContext:
-    """The system's CAs (or tls_ca_file) by default; a pinned thumbprint is checked on every
-    connection's handshake, whatever CA signed it. pyvmomi's own `thumbprint` argument is not
-    used: it checks the pin only when the context's verification fails, so with a context that
-    does not verify, any certificate passed (pyvmomi 9.1)."""
-    if config.tls_thumbprint is not None:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # the pin below replaces the CA check
-        context.sslsocket_class = _pinned(bytes.fromhex(config.tls_thumbprint.replace(":", "")))
-        return context
-    if not config.tls_verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # tls_verify = false: labs only, status warns
-        return context
-    return ssl.create_default_context(
-        cafile=None if config.tls_ca_file is None else str(config.tls_ca_file)
-    )
-
-
-def _pinned(pin: bytes) -> type[ssl.SSLSocket]:
-    class PinnedSocket(ssl.SSLSocket):
-        def do_handshake(self, block: bool = False) -> None:
-            super().do_handshake(block)
-            der = self.getpeercert(binary_form=True)
-            if der is None or not hmac.compare_digest(hashlib.sha256(der).digest(), pin):
-                self.close()
-                raise ssl.SSLCertVerificationError(
-                    "the server's certificate does not match tls_thumbprint"
-                )
-
-    return PinnedSocket
 
 
 class VSphereSession:
@@ -183,12 +145,12 @@ class VSphereSession:
                     return
                 reason = "session lost"
                 if self._watcher in done and self._watcher.exception() is not None:
-                    reason = f"update watcher: {_describe(self._watcher.exception())}"
+                    reason = f"update watcher: {describe(self._watcher.exception())}"
                 self._drop(reason)
             except TimeoutError:
                 self._drop(f"login took more than {LOGIN_TIMEOUT} s")
             except Exception as exc:  # any failure to log in is a reason, shown as such
-                self._drop(f"login failed: {_describe(exc)}")
+                self._drop(f"login failed: {describe(exc)}")
             if self._closing.is_set():
                 return
             await asyncio.sleep(backoff)  # the reconnect backoff, not a synchronisation
@@ -199,7 +161,7 @@ class VSphereSession:
         si, self._si = self._si, None
         if si is not None:
             # Ends the watcher's WaitForUpdatesEx too (its requests fail on a closed session).
-            self._calls.submit(_quiet_disconnect, si)
+            self._calls.submit(quiet_disconnect, si)
         self._set(LinkState.DOWN, reason)
         self._log.warning("vsphere session down", reason=reason)
 
@@ -218,7 +180,7 @@ class VSphereSession:
             content = si.RetrieveContent()
             content.sessionManager.Login(self.config.username, self._password)
             # Kept for the session's life: a fresh read is then one round trip, not three.
-            view = _container_view(content, self.config.datacenter)
+            view = container_view(content, self.config.datacenter)
         except BaseException:
             stub.DropConnections()
             raise
@@ -232,7 +194,7 @@ class VSphereSession:
         with contextlib.suppress(Exception):
             if si is not None:
                 await asyncio.wait_for(
-                    loop.run_in_executor(self._calls, _quiet_disconnect, si), self.call_timeout
+                    loop.run_in_executor(self._calls, quiet_disconnect, si), self.call_timeout
                 )
             if self._watcher is not None:
                 # Its WaitForUpdatesEx ends with the session (at most WATCH_WAIT_S later).
@@ -263,29 +225,29 @@ class VSphereSession:
                 # terminated session's objects before it answers NotAuthenticated).
                 self._lost.set()
                 raise SessionLost(self.name, "api", f"{what}: session lost") from None
-            raise LinkError(self.name, "api", f"{what}: {_describe(exc)}") from None
+            raise LinkError(self.name, "api", f"{what}: {describe(exc)}") from None
         except TimeoutError:
             raise LinkError(
                 self.name, "api", f"{what}: no answer in {self.call_timeout} s"
             ) from None
         except (vmodl.MethodFault, OSError) as exc:
-            raise LinkError(self.name, "api", f"{what}: {_describe(exc)}") from None
+            raise LinkError(self.name, "api", f"{what}: {describe(exc)}") from None
 
     async def read(self) -> Inventory:
         """A fresh read of every VM's and host's properties (one RetrievePropertiesEx)."""
-        return await self.call("inventory read", _read_inventory, self._content, self._view)
+        return await self.call("inventory read", read_inventory, self._content, self._view)
 
     async def power_off(self, moref: str, instance_uuid: str) -> str | None:
         """PowerOffVM_Task on `moref` if it still is that VM; then a fresh read of its power
         state (None: unreadable). InvalidPowerState (already off) is not an error: the read
         tells."""
         return await self.call(
-            "power off", _power, moref, instance_uuid, "PowerOffVM_Task", self.call_timeout
+            "power off", power, moref, instance_uuid, "PowerOffVM_Task", self.call_timeout
         )
 
     async def power_on(self, moref: str, instance_uuid: str) -> str | None:
         return await self.call(
-            "power on", _power, moref, instance_uuid, "PowerOnVM_Task", self.call_timeout
+            "power on", power, moref, instance_uuid, "PowerOnVM_Task", self.call_timeout
         )
 
     # -- the watcher (its own thread) ----------------------------------------------------------
@@ -296,8 +258,8 @@ class VSphereSession:
             return
         content = si.RetrieveContent()
         collector = content.propertyCollector.CreatePropertyCollector()
-        view = _container_view(content, self.config.datacenter)
-        collector.CreateFilter(_filter_spec(view), partialUpdates=True)
+        view = container_view(content, self.config.datacenter)
+        collector.CreateFilter(filter_spec(view), partialUpdates=True)
         vms: dict[str, dict[str, Any]] = {}
         hosts: dict[str, dict[str, Any]] = {}
         version = ""
@@ -310,8 +272,8 @@ class VSphereSession:
                 version = update.version
                 for filter_update in update.filterSet:
                     for change in filter_update.objectSet:
-                        _apply(change, vms, hosts)
-                inventory = _inventory(vms, hosts)
+                        apply_change(change, vms, hosts)
+                inventory = to_inventory(vms, hosts)
                 loop.call_soon_threadsafe(self._publish, inventory)
         finally:
             if self._si is si:
@@ -342,138 +304,3 @@ class VSphereSession:
             "map_age_s": None if self.map_at is None else round(time.time() - self.map_at, 3),
             "vm_count": None if self.inventory is None else len(self.inventory.vms),
         }
-
-
-# -- blocking helpers (call threads) -----------------------------------------------------------
-
-
-def _quiet_disconnect(si: Any) -> None:
-    with contextlib.suppress(Exception):
-        Disconnect(si)
-    # Disconnect logs out but leaves the stub's pooled sockets open.
-    with contextlib.suppress(Exception):
-        si._stub.DropConnections()
-
-
-def _describe(exc: BaseException | None) -> str:
-    message = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {' '.join(str(message).split())[:300]}"
-
-
-def _container_view(content: Any, datacenter: str | None) -> Any:
-    root = content.rootFolder
-    if datacenter is not None:
-        found = [e for e in root.childEntity if isinstance(e, vim.Datacenter)]
-        matches = [d for d in found if d.name == datacenter]
-        if len(matches) != 1:
-            raise LinkError("vsphere", "api", f"datacenter {datacenter!r}: {len(matches)} found")
-        root = matches[0]
-    return content.viewManager.CreateContainerView(root, [vim.VirtualMachine, vim.HostSystem], True)
-
-
-def _filter_spec(view: Any) -> Any:
-    pc = vmodl.query.PropertyCollector
-    traverse = pc.TraversalSpec(name="view", type=vim.view.ContainerView, path="view", skip=False)
-    return pc.FilterSpec(
-        objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[traverse])],
-        propSet=[
-            pc.PropertySpec(type=vim.VirtualMachine, pathSet=[*VM_PROPS, VM_HOST]),
-            pc.PropertySpec(type=vim.HostSystem, pathSet=list(HOST_PROPS)),
-        ],
-    )
-
-
-def _read_inventory(si: Any, content: Any, view: Any) -> Inventory:
-    collector = content.propertyCollector
-    options = vmodl.query.PropertyCollector.RetrieveOptions()
-    result = collector.RetrievePropertiesEx([_filter_spec(view)], options)
-    vms: dict[str, dict[str, Any]] = {}
-    hosts: dict[str, dict[str, Any]] = {}
-    while result is not None:
-        for content_obj in result.objects:
-            _apply_props(content_obj.obj, content_obj.propSet, vms, hosts)
-        if not result.token:
-            break
-        result = collector.ContinueRetrievePropertiesEx(result.token)
-    return _inventory(vms, hosts)
-
-
-def _apply(change: Any, vms: dict[str, dict[str, Any]], hosts: dict[str, dict[str, Any]]) -> None:
-    moref = change.obj._moId
-    if change.kind == "leave":
-        vms.pop(moref, None)
-        hosts.pop(moref, None)
-        return
-    _apply_props(change.obj, change.changeSet, vms, hosts)
-
-
-def _apply_props(
-    obj: Any, props: Any, vms: dict[str, dict[str, Any]], hosts: dict[str, dict[str, Any]]
-) -> None:
-    table = vms if isinstance(obj, vim.VirtualMachine) else hosts
-    record = table.setdefault(obj._moId, {})
-    for prop in props:
-        value = getattr(prop, "val", None)
-        if getattr(prop, "op", "assign") == "remove":
-            value = None
-        # A managed object (the VM's host) is kept as its moref: the map holds plain data.
-        record[prop.name] = value._moId if isinstance(value, vim.ManagedEntity) else value
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value and len(value) <= 1024 else None
-
-
-def _inventory(vms: dict[str, dict[str, Any]], hosts: dict[str, dict[str, Any]]) -> Inventory:
-    """Plain records; a property of an unexpected type is kept as a value the views reject
-    (every byte a host sends is hostile input)."""
-    vm_records = {
-        moref: VMRecord(
-            moref=moref,
-            name=_text(p.get("name")) or "",
-            instance_uuid=_text(p.get("config.instanceUuid")),
-            power_state=str(p.get("runtime.powerState")),
-            host=_text(p.get(VM_HOST)),
-            config_file=_text(p.get("config.files.vmPathName")) or "",
-        )
-        for moref, p in vms.items()
-    }
-    host_records = {
-        moref: HostRecord(
-            moref=moref,
-            name=_text(p.get("name")) or moref,
-            connection_state=str(p.get("runtime.connectionState")),
-        )
-        for moref, p in hosts.items()
-    }
-    return Inventory(vm_records, host_records)
-
-
-def _power(si: Any, moref: str, instance_uuid: str, method: str, timeout: float) -> str | None:
-    deadline = time.monotonic() + timeout
-    vm = vim.VirtualMachine(moref, si._stub)
-    # The moref must still be the VM the verdict chose: vCenter may have replaced it.
-    if vm.config.instanceUuid != instance_uuid:
-        raise LinkError("vsphere", "api", f"{moref} is no longer instance {instance_uuid}")
-    try:
-        task = getattr(vm, method)()
-    except vim.fault.InvalidPowerState:
-        task = None
-    if task is not None:
-        _wait_task(task, deadline)
-    state = vm.runtime.powerState
-    return state if isinstance(state, str) else None
-
-
-def _wait_task(task: Any, deadline: float) -> None:
-    """Polls the task's state with our own reads (not the default collector's WaitForUpdates,
-    which would take another waiter's updates); the call's timeout bounds it."""
-    while True:
-        info = task.info
-        if info.state == "success":
-            return
-        if info.state == "error":
-            raise LinkError("vsphere", "api", f"task failed: {_describe(info.error)}")
-        if time.monotonic() > deadline:
-            raise LinkError("vsphere", "api", f"task {info.key} still {info.state}")
-        time.sleep(TASK_POLL_S)  # polling the task with the call's deadline above it
