@@ -368,11 +368,6 @@ def check_environment(config: Config) -> list[str]:
 
 def _vsphere_environment(host: HostConfig) -> list[str]:
     problems = []
-    # The daemon's host set knows SSH lanes only so far (docs/vsphere.md, "Plugging in"):
-    # refusing the entry beats starting a daemon that cannot fence what the config names.
-    problems.append(
-        f'{host.name}: kind = "vsphere" is not served by the daemon yet (issue 14, in progress)'
-    )
     path = host.password_file
     if path is not None:
         try:

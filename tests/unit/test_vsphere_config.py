@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
-from vmfenced.config import check_environment, parse
+from vmfenced.config import Config, check_environment, parse
+from vmfenced.daemon.reload_plan import plan
 from vmfenced.errors import ConfigError
 
 PIN = "AB:" * 31 + "CD"
@@ -129,6 +131,36 @@ def test_missing_password_file(tmp_path: Path) -> None:
     assert any("password_file of vc1" in p and "No such file" in p for p in found)
 
 
-def test_the_daemon_refuses_the_kind_until_it_serves_it(tmp_path: Path) -> None:
-    found = check_environment(parse(config(vsphere())))
-    assert any("not served by the daemon yet" in p for p in found)
+def test_a_vsphere_entry_needs_no_ssh_key(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    data = config(vsphere(password_file=str(secret)))
+    data["ssh"] = {"client_keys": [str(tmp_path / "missing-key")]}
+    found = check_environment(parse(data))
+    assert not any("client key" in p or "known_hosts" in p for p in found), found
+
+
+KEY = Path("/etc/vmfenced/id_ed25519")
+
+
+def with_vsphere(**extra: Any) -> Config:
+    return parse(
+        {
+            "ssh": {"client_keys": [str(KEY)]},
+            "hosts": [{"name": "esx1", "address": "192.0.2.11"}, vsphere(**extra)],
+        }
+    )
+
+
+def test_reload_keeps_an_unchanged_vsphere_entry() -> None:
+    keys = {KEY: asyncssh.generate_private_key("ssh-ed25519")}
+    same = plan(with_vsphere(), keys, with_vsphere(), keys, "vmfenced.toml")
+    assert set(same.unchanged) == {"esx1", "vc1"} and not same.changed
+
+
+def test_reload_refuses_a_changed_vsphere_entry() -> None:
+    keys = {KEY: asyncssh.generate_private_key("ssh-ed25519")}
+    with pytest.raises(ConfigError) as caught:
+        plan(with_vsphere(), keys, with_vsphere(port=8443), keys, "vmfenced.toml")
+    assert "vc1: a vsphere entry cannot change on a reload yet" in caught.value.problems[0]

@@ -8,9 +8,10 @@ inventory loop, so adding, replacing or removing one host never disturbs another
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -20,6 +21,8 @@ from vmfenced.daemon.host import Host, HostListener
 from vmfenced.daemon.inventory import InventoryService
 from vmfenced.daemon.link import KnownHosts
 from vmfenced.daemon.reload_plan import ReloadPlan
+from vmfenced.daemon.vsphere import VSphereSession, read_password
+from vmfenced.daemon.vsphere_host import VSphereEntry, wire
 from vmfenced.model import VMMap
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
@@ -50,6 +53,11 @@ class HostSet:
         self._tasks: dict[Host, list[asyncio.Task[None]]] = {}
         self._inventories: dict[str, InventoryService] = {}
         self._known_hosts = KnownHosts()
+        # kind = "vsphere": one session per entry; its hosts (ApiHost) join `hosts` as the
+        # session's map shows them (docs/vsphere.md, "Plugging in").
+        self._entries: dict[str, VSphereEntry] = {}
+        self._api_names: dict[str, set[str]] = {}
+        self._api_tasks: list[asyncio.Task[None]] = []
 
     # -- building and running ------------------------------------------------------------------
 
@@ -59,6 +67,8 @@ class HostSet:
         built = []
         for name in names:
             host = config.host(name)
+            if host.kind == "vsphere":
+                continue  # start_vsphere
             ssh = config.ssh_for(host)
             built.append(
                 Host(
@@ -93,6 +103,50 @@ class HostSet:
             await asyncio.gather(
                 host.fence.wait_settled(settle), host.inventory.wait_settled(settle)
             )
+
+    def start_vsphere(self, config: Config) -> None:
+        """A session per vsphere entry, supervised like a lane (it logs in again by itself)."""
+        for host in config.hosts:
+            if host.kind != "vsphere" or host.name in self._entries:
+                continue
+            assert host.password_file is not None  # the config requires it
+            session = VSphereSession(
+                host,
+                read_password(host.password_file),
+                on_change=self._vsphere_changed,
+                call_timeout=config.daemon.fence_timeout,
+            )
+            self._entries[host.name] = VSphereEntry(session)
+            self._api_tasks.append(self._spawn(session.supervise(), f"{host.name}-vsphere"))
+
+    def _vsphere_changed(self, session: VSphereSession) -> None:
+        """The session's map changed: its hosts in `hosts` and their VMs in the map, in one
+        synchronous step. A vCenter host an SSH entry maps (vsphere_name) is left to that
+        entry: the verdict must see one machine once (the API fallback for it, HybridHost, is
+        not wired in yet)."""
+        entry = self._entries.get(session.name)
+        inventory = session.inventory
+        if entry is None or entry.session is not session or inventory is None:
+            return
+        mapped = {
+            h.config.vsphere_name
+            for h in self.hosts.values()
+            if isinstance(h, Host) and h.config.vsphere_name is not None
+        }
+        wanted = {
+            name: host
+            for name, host in wire(entry, {}).items()
+            if getattr(host, "host_name", None) not in mapped
+        }
+        for name in self._api_names.get(entry.name, set()) - set(wanted):
+            self.hosts.pop(name, None)
+            self._map.forget(name)
+        for name, api in wanted.items():
+            # An ApiHost answers every call the fencer, the API and the metrics make of a
+            # Host (vmfenced.daemon.vsphere_host).
+            self.hosts.setdefault(name, cast(Host, api))
+        self._api_names[entry.name] = set(wanted)
+        entry.feed(self._map, inventory, time.time(), skip=mapped)
 
     def activate(self, host: Host) -> None:
         """Make it the host of its name, with a fresh inventory loop."""
@@ -147,6 +201,12 @@ class HostSet:
     async def close(self) -> None:
         hosts = list(self._tasks)
         await asyncio.gather(*(self.retire(h) for h in hosts), return_exceptions=True)
+        await asyncio.gather(
+            *(entry.session.close() for entry in self._entries.values()), return_exceptions=True
+        )
+        for task in self._api_tasks:
+            task.cancel()
+        await asyncio.gather(*self._api_tasks, return_exceptions=True)
 
     # -- reload --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from vmfenced.daemon import vsphere_views
@@ -71,6 +71,18 @@ class VSphereEntry:
             vmmap.update_registered(name, tuple(vsphere_views.registered(v) for v in here))
 
 
+class ApiLane:
+    """A lane's name and state, for a host that has no SSH lanes (metrics, status)."""
+
+    def __init__(self, name: str, state: Callable[[], LinkState]) -> None:
+        self.name = name
+        self._state = state
+
+    @property
+    def state(self) -> LinkState:
+        return self._state()
+
+
 class ApiHost:
     """One HostSystem of a vsphere entry, answering as a `Host` does (see the module doc)."""
 
@@ -80,9 +92,10 @@ class ApiHost:
         self.host_name = record.name  # vCenter's name of the host (what vsphere_name names)
         self.name = vsphere_views.view_name(entry.name, record)
         self.listing_problem: str | None = None
-        # No SSH lanes: the evidence gatherer passes `host.fence` to list_running, unused here.
-        self.fence: Any = None
-        self.inventory: Any = None
+        # No SSH lanes: what the metrics read of a host's two lanes, from the session and its
+        # map (the evidence gatherer passes `host.fence` to list_running, unused here).
+        self.fence = ApiLane("api", lambda: self.state)
+        self.inventory = ApiLane("map", self._map_state)
 
     @property
     def state(self) -> LinkState:
@@ -91,6 +104,10 @@ class ApiHost:
         if self.entry.session.state is not LinkState.UP or record is None:
             return LinkState.DOWN
         return LinkState.UP if record.connection_state == "connected" else LinkState.DOWN
+
+    def _map_state(self) -> LinkState:
+        up = self.entry.session.state is LinkState.UP and self.entry.session.inventory is not None
+        return LinkState.UP if up else LinkState.DOWN
 
     def _mine(self, inventory: Inventory) -> list[vsphere_views.VMRecord]:
         record = inventory.hosts.get(self.moref)
