@@ -14,8 +14,9 @@ mapped to vcsim's DC0_C0_H0, the daemon's Fencer over vCenter's hosts (vsphere_h
 `off` of the same VM alternately with esx1 as a HybridHost (the guarded kill over its warm SSH
 lane, vCenter the map) and as a plain ApiHost (PowerOffVM_Task), on the default vcsim and with
 the PowerOffVM_Task delay.
-Not yet here: fence_vmfenced through the daemon (the daemon does not serve kind = "vsphere"
-yet). Prints Markdown tables of medians, p95 and ratios. Not a test: no assertion on time.
+- `fence_vmfenced -o off` as a new process, against a real vmfenced daemon with a vsphere
+  entry for that vcsim (its own warm session).
+Prints Markdown tables of medians, p95 and ratios. Not a test: no assertion on time.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from vmfenced.daemon.vsphere import VSphereSession
 from vmfenced.daemon.vsphere_host import VSphereEntry, wire
 from vmfenced.model import LinkState, VMMap
 from vmflab import Lab
+from vmflab.daemon import LabDaemon
 from vmflab.stats import percentile
 from vmflab.vcsim import PASSWORD, USERNAME, Vcsim, VcsimBuild, build
 
@@ -53,6 +55,7 @@ FENCE_SOAP = "/usr/sbin/fence_vmware_soap"
 VMS = ("DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1", "DC0_H0_VM0", "DC0_H0_VM1")
 SOAP = "fence_vmware_soap -o off (new process, login + WSDL each call)"
 WARM = "vmfenced off on the warm session (daemon-side)"
+AGENT = "fence_vmfenced off (new process, through the daemon's warm session)"
 WAIT_S = 10.0
 HYBRID_VM = "DC0_C0_RP0_VM0"
 MAPPED = "DC0_C0_H0"
@@ -91,10 +94,43 @@ def vsphere_config(sim: Vcsim, workdir: Path) -> HostConfig:
     )
 
 
-async def setting(sim: Vcsim, workdir: Path, n: int) -> Rows:
+def agent_off(daemon: LabDaemon, vm: str) -> float:
+    stdin = f"action=off\nplug={vm}\nsocket={daemon.socket}\n"
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "vmfenced.clients.agent"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    elapsed = (time.perf_counter() - start) * 1000
+    if result.returncode != 0 or result.stdout != "Success: Powered OFF\n":
+        raise RuntimeError(f"fence_vmfenced {vm}: {result.stdout} {result.stderr}")
+    return elapsed
+
+
+def vsphere_entry(sim: Vcsim, workdir: Path) -> str:
+    config = vsphere_config(sim, workdir)
+    return "\n".join(
+        [
+            "[[hosts]]",
+            'name = "vc1"',
+            'kind = "vsphere"',
+            'address = "127.0.0.1"',
+            f"port = {sim.port}",
+            f'username = "{USERNAME}"',
+            f'password_file = "{config.password_file}"',
+            "tls_verify = false",
+        ]
+    )
+
+
+async def setting(sim: Vcsim, workdir: Path, n: int, daemon: LabDaemon) -> Rows:
     session = VSphereSession(vsphere_config(sim, workdir), PASSWORD, call_timeout=30)
     task = asyncio.create_task(session.supervise())
-    rows: Rows = {SOAP: [], WARM: []}
+    rows: Rows = {SOAP: [], WARM: [], AGENT: []}
     try:
         if not await session.wait_up(WAIT_S):
             raise RuntimeError(f"session not up: {session.reason}")
@@ -108,6 +144,9 @@ async def setting(sim: Vcsim, workdir: Path, n: int) -> Rows:
             rows[WARM].append((time.perf_counter() - start) * 1000)
             if decision.step is not Step.KILLED:
                 raise RuntimeError(f"{vm}: {decision.step} {decision.reason}")
+            if (await vsphere_fence.on(session, vm)).step is not Step.POWER_ON:
+                raise RuntimeError(f"{vm} did not power on again")
+            rows[AGENT].append(await asyncio.to_thread(agent_off, daemon, vm))
             if (await vsphere_fence.on(session, vm)).step is not Step.POWER_ON:
                 raise RuntimeError(f"{vm} did not power on again")
     finally:
@@ -202,22 +241,24 @@ def table(title: str, rows: Rows, pair: tuple[str, str] = (SOAP, WARM)) -> str:
     for name, values in rows.items():
         median = statistics.median(values)
         lines.append(f"| {name} | {len(values)} | {median:.2f} | {percentile(values, 0.95):.2f} |")
-    slow, fast = pair
-    ratio = statistics.median(rows[slow]) / statistics.median(rows[fast])
-    lines += ["", f"{slow} / {fast}: **{ratio:.1f}x**"]
+    lines += ["", ratio_line(rows, *pair)]
     return "\n".join(lines)
 
 
+def ratio_line(rows: Rows, slow: str, fast: str) -> str:
+    ratio = statistics.median(rows[slow]) / statistics.median(rows[fast])
+    return f"{slow} / {fast}: **{ratio:.1f}x**"
+
+
 def hybrid_tables(
-    done: VcsimBuild, workdir: Path, settings: list[tuple[str, int | None]], n: int
+    lab: Lab, done: VcsimBuild, workdir: Path, settings: list[tuple[str, int | None]], n: int
 ) -> list[str]:
     out = []
-    with Lab(workdir / "lab", host_names=("esx1",)) as lab:
-        for title, delay in settings:
-            method_delay = None if delay is None else {"PowerOffVM_Task": delay}
-            with Vcsim(done, method_delay=method_delay) as sim:
-                rows = asyncio.run(hybrid(lab, sim, workdir, n))
-            out.append(table(f"hybrid against API path, {title}", rows, (VIA_API, VIA_SSH)))
+    for title, delay in settings:
+        method_delay = None if delay is None else {"PowerOffVM_Task": delay}
+        with Vcsim(done, method_delay=method_delay) as sim:
+            rows = asyncio.run(hybrid(lab, sim, workdir, n))
+        out.append(table(f"hybrid against API path, {title}", rows, (VIA_API, VIA_SSH)))
     return out
 
 
@@ -237,15 +278,21 @@ def main() -> int:
         (f"vcsim, PowerOffVM_Task +{args.delay_ms} ms", args.delay_ms),
     ]
     out = [f"vcsim {done.version}; n = {n} per row"]
-    with tempfile.TemporaryDirectory(prefix="bench-vsphere-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-vsphere-") as tmp,
+        Lab(Path(tmp) / "lab", host_names=("esx1",)) as lab,
+    ):
         for title, delay in settings:
             method_delay = None if delay is None else {"PowerOffVM_Task": delay}
             # A fresh vcsim per setting: its memory grows with every task.
-            with Vcsim(done, wsdl=True, method_delay=method_delay) as sim:
-                rows = asyncio.run(setting(sim, Path(tmp), n))
-            out.append(table(title, rows))
+            with (
+                Vcsim(done, wsdl=True, method_delay=method_delay) as sim,
+                LabDaemon(lab, hosts=[], extra=vsphere_entry(sim, Path(tmp))) as daemon,
+            ):
+                rows = asyncio.run(setting(sim, Path(tmp), n, daemon))
+            out.append(table(title, rows) + "\n" + ratio_line(rows, SOAP, AGENT))
         if not args.no_hybrid:
-            out += hybrid_tables(done, Path(tmp), settings, n)
+            out += hybrid_tables(lab, done, Path(tmp), settings, n)
     print("\n".join(out))
     return 0
 
