@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import fence, run_client
+from tests.integration.conftest import ctl, fence, run_client
 from tests.integration.vcsim_fixtures import Actor, actor, password_file, vcsim, vcsim_build
 from tests.waiting import wait_until
 from vmflab import Lab
@@ -103,3 +103,6 @@ def test_status_shows_the_api_hosts(daemon: LabDaemon) -> None:
     ]
     metrics = daemon.request({"op": "metrics"})
     assert metrics["ok"], metrics
+    assert 'vmfenced_host_up{host="vc1/DC0_C0_H0"} 1.0' in metrics["result"]["text"]
+    code, out, err = ctl(daemon, "status")
+    assert code == 0 and "vc1/DC0_C0_H0" in out, (out, err)
