@@ -14,6 +14,7 @@ from tests.integration.vcsim_fixtures import Actor, actor, password_file, vcsim,
 from tests.waiting import wait_until
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
+from vmflab.procs import stopped as frozen
 from vmflab.vcsim import USERNAME, Vcsim
 
 pytestmark = pytest.mark.integration
@@ -106,3 +107,53 @@ def test_status_shows_the_api_hosts(daemon: LabDaemon) -> None:
     assert 'vmfenced_host_up{host="vc1/DC0_C0_H0"} 1.0' in metrics["result"]["text"]
     code, out, err = ctl(daemon, "status")
     assert code == 0 and "vc1/DC0_C0_H0" in out, (out, err)
+
+
+def esx1_mapped(lab: Lab) -> str:
+    host = lab.hosts["esx1"]
+    return "\n".join(
+        [
+            "[[hosts]]",
+            'name = "esx1"',
+            f'address = "{host.address}"',
+            f"port = {host.port}",
+            'kind = "esxi"',
+            'vsphere_name = "DC0_C0_H0"',
+        ]
+    )
+
+
+def hosts_by_name(daemon: LabDaemon) -> dict[str, dict[str, object]]:
+    return {h["name"]: h for h in daemon.status()["hosts"]}
+
+
+def test_hybrid_path_in_the_daemon(
+    esx_lab: Lab, vcsim: Vcsim, actor: Actor, tmp_path: Path
+) -> None:
+    """vCenter's DC0_C0_H0 is the lab's esx1: the kill goes over esx1's SSH lane, and through
+    vCenter while that lane is down."""
+    vm = "DC0_C0_RP0_VM3"
+    actor.relocate(vm, "DC0_C0_H0")
+    esx1 = esx_lab.hosts["esx1"]
+    cartel = esx1.start_vm(vm)
+    extra = esx1_mapped(esx_lab) + "\n\n" + vsphere_entry(vcsim, tmp_path)
+    with LabDaemon(
+        esx_lab, hosts=[], extra=extra, ssh={"keepalive_interval": 0.5, "keepalive_count_max": 2}
+    ) as daemon:
+        wait_until(lambda: hosts_by_name(daemon).get("esx1", {}).get("path") == "ssh:esx1")
+        hosts = hosts_by_name(daemon)
+        assert hosts["esx1"]["vsphere"] == "vc1/DC0_C0_H0"
+        assert "vc1/DC0_C0_H0" not in hosts and "vc1/DC0_C0_H1" in hosts
+        reply = fence(daemon, vm)
+        assert reply["ok"], reply
+        assert (reply["result"]["host"], reply["result"]["cartel"]) == ("esx1", cartel)
+        assert not esx1.pid_alive(cartel)
+        # vcsim has no process to lose: its VM still shows on, so the kill was not the API's.
+        assert actor.vm(vm).runtime.powerState == "poweredOn"
+        esx1.start_vm(vm)
+        with frozen(esx1):
+            wait_until(lambda: hosts_by_name(daemon)["esx1"]["path"] == "api:vc1")
+            reply = fence(daemon, vm)
+            assert reply["ok"] and reply["result"]["host"] == "esx1", reply
+            assert actor.vm(vm).runtime.powerState == "poweredOff"
+    actor.power(vm, on=True)

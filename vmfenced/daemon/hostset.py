@@ -22,7 +22,7 @@ from vmfenced.daemon.inventory import InventoryService
 from vmfenced.daemon.link import KnownHosts
 from vmfenced.daemon.reload_plan import ReloadPlan
 from vmfenced.daemon.vsphere import VSphereSession, read_password
-from vmfenced.daemon.vsphere_host import VSphereEntry, wire
+from vmfenced.daemon.vsphere_host import HybridHost, VSphereEntry, wire
 from vmfenced.model import VMMap
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
@@ -121,32 +121,46 @@ class HostSet:
 
     def _vsphere_changed(self, session: VSphereSession) -> None:
         """The session's map changed: its hosts in `hosts` and their VMs in the map, in one
-        synchronous step. A vCenter host an SSH entry maps (vsphere_name) is left to that
-        entry: the verdict must see one machine once (the API fallback for it, HybridHost, is
-        not wired in yet)."""
+        synchronous step. A vCenter host an SSH entry maps (vsphere_name) is one HybridHost
+        under the SSH entry's name: the verdict sees one machine once."""
         entry = self._entries.get(session.name)
         inventory = session.inventory
         if entry is None or entry.session is not session or inventory is None:
             return
+        # `hosts` holds HybridHosts and ApiHosts as Hosts (cast below): look at them as they are.
+        live: dict[str, object] = dict(self.hosts)
         mapped = {
-            h.config.vsphere_name
-            for h in self.hosts.values()
-            if isinstance(h, Host) and h.config.vsphere_name is not None
+            ssh.config.vsphere_name: ssh
+            for ssh in map(_ssh, live.values())
+            if isinstance(ssh, Host) and ssh.config.vsphere_name is not None
         }
-        wanted = {
-            name: host
-            for name, host in wire(entry, {}).items()
-            if getattr(host, "host_name", None) not in mapped
-        }
+        wanted = wire(entry, mapped)
         for name in self._api_names.get(entry.name, set()) - set(wanted):
-            self.hosts.pop(name, None)
-            self._map.forget(name)
-        for name, api in wanted.items():
-            # An ApiHost answers every call the fencer, the API and the metrics make of a
-            # Host (vmfenced.daemon.vsphere_host).
-            self.hosts.setdefault(name, cast(Host, api))
+            current = live.get(name)
+            if isinstance(current, HybridHost):
+                self.hosts[name] = current.ssh  # vCenter no longer shows it: SSH only
+            else:
+                self.hosts.pop(name, None)
+                self._map.forget(name)
+        for name, host in wanted.items():
+            current = live.get(name)
+            if isinstance(host, HybridHost):
+                if not (
+                    isinstance(current, HybridHost)
+                    and current.ssh is host.ssh
+                    and current.api.moref == host.api.moref
+                ):
+                    self.hosts[name] = cast(Host, host)
+            elif current is None:
+                # An ApiHost answers every call the fencer, the API and the metrics make of
+                # a Host (vmfenced.daemon.vsphere_host).
+                self.hosts[name] = cast(Host, host)
         self._api_names[entry.name] = set(wanted)
-        entry.feed(self._map, inventory, time.time(), skip=mapped)
+        entry.feed(self._map, inventory, time.time(), skip=set(mapped))
+
+    def _rewire(self) -> None:
+        for entry in self._entries.values():
+            self._vsphere_changed(entry.session)
 
     def activate(self, host: Host) -> None:
         """Make it the host of its name, with a fresh inventory loop."""
@@ -159,7 +173,8 @@ class HostSet:
         self._tasks.setdefault(host, []).append(self._spawn(coro, name))
 
     def is_active(self, host: Host) -> bool:
-        return self.hosts.get(host.name) is host
+        current = self.hosts.get(host.name)
+        return current is not None and _ssh(current) is host
 
     def request(self, name: str, *, full: bool = True) -> None:
         """Refresh that host's inventory soon; a name no longer configured is ignored."""
@@ -235,7 +250,7 @@ class HostSet:
             await asyncio.gather(*(self.retire(h) for h in fresh), return_exceptions=True)
             raise
         # From here to the return: no await, so nothing runs between the old and new set.
-        out = [self.hosts[name] for name in (*plan.replaced, *plan.removed)]
+        out = [_ssh(self.hosts[name]) for name in (*plan.replaced, *plan.removed)]
         for host in out:
             self._tasks[host] = self._stop(host)
         for name in plan.removed:
@@ -248,4 +263,11 @@ class HostSet:
         self.set_interval(config.daemon.inventory_interval)
         for host in fresh:
             self.activate(host)
+        # A new or replaced SSH host may be one vCenter manages (vsphere_name).
+        self._rewire()
         return out
+
+
+def _ssh(host: object) -> Host:
+    """The SSH host itself, also when vCenter manages it (a HybridHost wraps it)."""
+    return host.ssh if isinstance(host, HybridHost) else cast(Host, host)

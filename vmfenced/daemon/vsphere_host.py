@@ -227,6 +227,14 @@ class HybridHost:
     def listing_problem(self) -> str | None:
         return self.ssh.listing_problem if self._lane_up else self.api.listing_problem
 
+    def snapshot(self, inventory_at: float | None, vm_count: int) -> dict[str, Any]:
+        return {
+            **self.ssh.snapshot(inventory_at, vm_count),
+            "state": self.state.value,
+            "vsphere": self.api.name,
+            "path": self.path(),
+        }
+
     def path(self) -> str:
         """Which way a fence of a VM on this host goes now (for status)."""
         return f"ssh:{self.name}" if self._lane_up else f"api:{self.api.entry.name}"
