@@ -193,6 +193,9 @@ class HostSet:
         complete = True
         for inventory in list(self._inventories.values()):
             complete &= await inventory.first_round(max(0.0, deadline - loop.time()))
+        for entry in list(self._entries.values()):
+            # A vsphere entry's hosts exist once its first map arrived.
+            complete &= await entry.session.wait_mapped(max(0.0, deadline - loop.time()))
         return complete
 
     def set_interval(self, seconds: float) -> None:

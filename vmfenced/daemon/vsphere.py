@@ -93,6 +93,7 @@ class VSphereSession:
         self._view: Any = None
         self._lost = asyncio.Event()
         self._up = asyncio.Event()
+        self._mapped = asyncio.Event()  # the first map arrived
         self._closing = threading.Event()
         # Calls and the watcher never share a thread: a WaitForUpdatesEx in flight must not
         # hold up a fence.
@@ -114,6 +115,12 @@ class VSphereSession:
         if not self.config.tls_verify:
             return ["tls_verify = false: any certificate is accepted (labs only)"]
         return []
+
+    async def wait_mapped(self, timeout: float) -> bool:
+        """True once the first map arrived (its hosts can be fenced), within `timeout`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._mapped.wait(), timeout)
+        return self._mapped.is_set()
 
     async def wait_up(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -287,6 +294,7 @@ class VSphereSession:
     def _publish(self, inventory: Inventory) -> None:
         self.inventory = inventory
         self.map_at = time.time()
+        self._mapped.set()
         if self._on_change is not None:
             self._on_change(self)
 
