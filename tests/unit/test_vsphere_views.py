@@ -60,6 +60,8 @@ def test_twins_fail_naming_both() -> None:
     the_views = views("vc1", inv(vm("vm-1"), vm("vm-2", host="host-2")), "node1")
     decision = decide_off("node1", the_views)
     assert decision.step is Step.FAIL and "ambiguous: 2 instances" in decision.reason
+    # API instances have no process: the message names them by instance UUID.
+    assert "instance UUID uuid-vm-1" in decision.reason and "cartel" not in decision.reason
 
 
 def test_a_registered_off_twin_does_not_stop_the_fence() -> None:
