@@ -157,3 +157,36 @@ def test_hybrid_path_in_the_daemon(
             assert reply["ok"] and reply["result"]["host"] == "esx1", reply
             assert actor.vm(vm).runtime.powerState == "poweredOff"
     actor.power(vm, on=True)
+
+
+def test_reload_adds_replaces_and_removes_a_vsphere_entry(
+    esx_lab: Lab, vcsim: Vcsim, actor: Actor, tmp_path: Path
+) -> None:
+    with LabDaemon(esx_lab) as daemon:
+        ssh_only = daemon.config_path.read_text()
+        # Not known to the SSH hosts (unknown_vm, or fence_failed while their first
+        # registration listing is still under way): never a success.
+        reply = fence(daemon, "DC0_H0_VM3")
+        assert not reply["ok"], reply
+        daemon.config_path.write_text(ssh_only + "\n" + vsphere_entry(vcsim, tmp_path) + "\n")
+        code, out, err = ctl(daemon, "reload", "--json")
+        assert code == 0 and '"vc1"' in out, (out, err)
+        wait_until(lambda: set(hosts_by_name(daemon)) >= API_HOSTS)
+        reply = fence(daemon, "DC0_H0_VM3")
+        assert reply["ok"] and reply["result"]["host"] == "vc1/DC0_H0", reply
+        # Replaced (a changed key): a new session, the same hosts again.
+        daemon.config_path.write_text(
+            ssh_only + "\n" + vsphere_entry(vcsim, tmp_path) + '\ndatacenter = "DC0"\n'
+        )
+        code, out, err = ctl(daemon, "reload", "--json")
+        assert code == 0, (out, err)
+        wait_until(lambda: set(hosts_by_name(daemon)) >= API_HOSTS)
+        actor.power("DC0_H0_VM3", on=True)
+        reply = fence(daemon, "DC0_H0_VM3")
+        assert reply["ok"] and reply["result"]["outcome"] == "killed", reply
+        daemon.config_path.write_text(ssh_only)
+        code, out, err = ctl(daemon, "reload", "--json")
+        assert code == 0, (out, err)
+        assert not API_HOSTS & set(hosts_by_name(daemon))
+        reply = fence(daemon, "DC0_H0_VM3")
+        assert not reply["ok"], reply

@@ -159,8 +159,7 @@ def test_reload_keeps_an_unchanged_vsphere_entry() -> None:
     assert set(same.unchanged) == {"esx1", "vc1"} and not same.changed
 
 
-def test_reload_refuses_a_changed_vsphere_entry() -> None:
+def test_reload_replaces_a_changed_vsphere_entry() -> None:
     keys = {KEY: asyncssh.generate_private_key("ssh-ed25519")}
-    with pytest.raises(ConfigError) as caught:
-        plan(with_vsphere(), keys, with_vsphere(port=8443), keys, "vmfenced.toml")
-    assert "vc1: a vsphere entry cannot change on a reload yet" in caught.value.problems[0]
+    changed = plan(with_vsphere(), keys, with_vsphere(port=8443), keys, "vmfenced.toml")
+    assert (changed.replaced, changed.unchanged) == (("vc1",), ("esx1",))

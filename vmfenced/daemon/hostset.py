@@ -57,7 +57,7 @@ class HostSet:
         # session's map shows them (docs/vsphere.md, "Plugging in").
         self._entries: dict[str, VSphereEntry] = {}
         self._api_names: dict[str, set[str]] = {}
-        self._api_tasks: list[asyncio.Task[None]] = []
+        self._api_tasks: dict[VSphereEntry, asyncio.Task[None]] = {}
 
     # -- building and running ------------------------------------------------------------------
 
@@ -107,17 +107,42 @@ class HostSet:
     def start_vsphere(self, config: Config) -> None:
         """A session per vsphere entry, supervised like a lane (it logs in again by itself)."""
         for host in config.hosts:
-            if host.kind != "vsphere" or host.name in self._entries:
-                continue
-            assert host.password_file is not None  # the config requires it
-            session = VSphereSession(
-                host,
-                read_password(host.password_file),
-                on_change=self._vsphere_changed,
-                call_timeout=config.daemon.fence_timeout,
-            )
-            self._entries[host.name] = VSphereEntry(session)
-            self._api_tasks.append(self._spawn(session.supervise(), f"{host.name}-vsphere"))
+            if host.kind == "vsphere" and host.name not in self._entries:
+                self._entries[host.name] = self._session(config, host.name)
+
+    def _session(self, config: Config, name: str) -> VSphereEntry:
+        """A started session for that entry; it serves once it is in `_entries`."""
+        host = config.host(name)
+        assert host.password_file is not None  # the config requires it
+        session = VSphereSession(
+            host,
+            read_password(host.password_file),
+            on_change=self._vsphere_changed,
+            call_timeout=config.daemon.fence_timeout,
+        )
+        entry = VSphereEntry(session)
+        self._api_tasks[entry] = self._spawn(session.supervise(), f"{name}-vsphere")
+        return entry
+
+    async def _close_entry(self, entry: VSphereEntry) -> None:
+        await entry.session.close()
+        task = self._api_tasks.pop(entry, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _take_out(self, name: str) -> VSphereEntry | None:
+        """Its hosts out of `hosts` (a HybridHost back to its SSH host): no await."""
+        entry = self._entries.pop(name, None)
+        live: dict[str, object] = dict(self.hosts)
+        for host_name in self._api_names.pop(name, set()):
+            current = live.get(host_name)
+            if isinstance(current, HybridHost):
+                self.hosts[host_name] = current.ssh
+            else:
+                self.hosts.pop(host_name, None)
+                self._map.forget(host_name)
+        return entry
 
     def _vsphere_changed(self, session: VSphereSession) -> None:
         """The session's map changed: its hosts in `hosts` and their VMs in the map, in one
@@ -220,11 +245,8 @@ class HostSet:
         hosts = list(self._tasks)
         await asyncio.gather(*(self.retire(h) for h in hosts), return_exceptions=True)
         await asyncio.gather(
-            *(entry.session.close() for entry in self._entries.values()), return_exceptions=True
+            *(self._close_entry(e) for e in list(self._api_tasks)), return_exceptions=True
         )
-        for task in self._api_tasks:
-            task.cancel()
-        await asyncio.gather(*self._api_tasks, return_exceptions=True)
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -241,7 +263,16 @@ class HostSet:
         config = plan.config
         fresh = self.build(config, plan.keys, [*plan.added, *plan.replaced])
         self.start_all(fresh)
+        # New sessions log in while the old ones serve (a failed login still goes in: it
+        # logs in again by itself, like a lane).
+        sessions = {
+            name: self._session(config, name)
+            for name in (*plan.added, *plan.replaced)
+            if config.host(name).kind == "vsphere"
+        }
         try:
+            for entry in sessions.values():
+                await entry.session.wait_mapped(entry.session.call_timeout * 2 + 1)
             if fresh:
                 waves = -(-len(fresh) // STARTUP_HOSTS_AT_ONCE)
                 settle = (max(h.fence.ssh.connect_timeout for h in fresh) * 2 + 1) * waves
@@ -251,14 +282,22 @@ class HostSet:
             await drained()
         except BaseException:
             await asyncio.gather(*(self.retire(h) for h in fresh), return_exceptions=True)
+            await asyncio.gather(*map(self._close_entry, sessions.values()), return_exceptions=True)
             raise
         # From here to the return: no await, so nothing runs between the old and new set.
-        out = [_ssh(self.hosts[name]) for name in (*plan.replaced, *plan.removed)]
+        leaving = [*plan.replaced, *plan.removed]
+        for entry in filter(None, map(self._take_out, [n for n in leaving if n in self._entries])):
+            self._spawn(self._close_entry(entry), f"{entry.name}-vsphere-close")
+        self._entries.update(sessions)
+        ssh_leaving = [n for n in leaving if n in self.hosts]
+        out = [_ssh(self.hosts[name]) for name in ssh_leaving]
         for host in out:
             self._tasks[host] = self._stop(host)
-        for name in plan.removed:
-            del self.hosts[name]
-            self._inventories.pop(name, None)
+        for name in ssh_leaving:
+            # Removed, or an SSH host whose entry is a vsphere entry now (no host of its name).
+            if name in plan.removed or config.host(name).kind == "vsphere":
+                del self.hosts[name]
+                self._inventories.pop(name, None)
         # A replaced host may be another machine now: what the old one listed (its vmids
         # above all) must never serve the new one. Its map fills again from its new links.
         for name in (*plan.removed, *plan.replaced):
@@ -266,7 +305,8 @@ class HostSet:
         self.set_interval(config.daemon.inventory_interval)
         for host in fresh:
             self.activate(host)
-        # A new or replaced SSH host may be one vCenter manages (vsphere_name).
+        # A new or replaced SSH host may be one vCenter manages (vsphere_name); a new session
+        # puts its hosts in.
         self._rewire()
         return out
 
