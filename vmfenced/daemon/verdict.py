@@ -119,9 +119,16 @@ def _fail(reason: str, host: str | None = None, *, unknown: bool = False) -> Dec
 
 def _where(found: Iterable[Located]) -> str:
     return "; ".join(
-        f"{loc.host}: {loc.vm.config_file or loc.vm.name} (cartel/PID {loc.vm.cartel})"
-        for loc in found
+        f"{loc.host}: {loc.vm.config_file or loc.vm.name} ({_handle(loc.vm)})" for loc in found
     )
+
+
+def _handle(vm: RunningVM) -> str:
+    # An instance found through a vSphere API has no process (cartel 0): its instance UUID
+    # tells it apart.
+    if vm.cartel == 0 and vm.uuid:
+        return f"instance UUID {vm.uuid}"
+    return f"cartel/PID {vm.cartel}"
 
 
 def _problems(views: Sequence[HostView]) -> str:
