@@ -91,6 +91,10 @@ class ApiHost:
         self.moref = record.moref
         self.host_name = record.name  # vCenter's name of the host (what vsphere_name names)
         self.name = vsphere_views.view_name(entry.name, record)
+        # What the evidence and the fencer read of every host: its entry (no Proxmox node) and
+        # no SSH backend (nothing to run on the host, no HA stack to hold off).
+        self.config = entry.session.config
+        self.backend = None
         self.listing_problem: str | None = None
         # No SSH lanes: what the metrics read of a host's two lanes, from the session and its
         # map (the evidence gatherer passes `host.fence` to list_running, unused here).
@@ -214,6 +218,7 @@ class HybridHost:
         self.fence = ssh.fence
         self.inventory = ssh.inventory
         self.config = ssh.config
+        self.backend = ssh.backend
 
     @property
     def _lane_up(self) -> bool:
