@@ -63,6 +63,8 @@ class HostInfo(Record):
         "fence_address",
         "inventory_address",
         "listing_problem",
+        "path",
+        "warnings",
     )
 
     def __init__(
@@ -81,6 +83,8 @@ class HostInfo(Record):
         fence_address: str | None = None,
         inventory_address: str | None = None,
         listing_problem: str | None = None,
+        path: str | None = None,
+        warnings: tuple[str, ...] = (),
     ) -> None:
         self.name: Final = name
         self.address: Final = address
@@ -97,6 +101,10 @@ class HostInfo(Record):
         self.inventory_address: Final = inventory_address
         # Why the host's process listing fails while its link is up (fences needing it fail).
         self.listing_problem: Final = listing_problem
+        # vSphere: the way a fence of a VM on this host goes now ("ssh:HOST" or "api:ENTRY"),
+        # and the session's warnings (TLS not verified); None/() for the SSH-only kinds.
+        self.path: Final = path
+        self.warnings: Final = warnings
 
 
 class VmInfo(Record):

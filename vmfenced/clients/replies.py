@@ -73,6 +73,16 @@ def _lane_address(host: JsonObject, lane: str) -> str | None:
     return _opt_str(addresses, lane, "status host connected_address")
 
 
+def _strings(obj: JsonObject, key: str, where: str) -> tuple[str, ...]:
+    """An optional list of strings (absent from older daemons and other kinds)."""
+    items = obj.get(key)
+    if items is None:
+        return ()
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ProtocolViolation(f"{where}: {key!r} is {items!r}, expected a list of strings")
+    return tuple(items)
+
+
 def _objects(obj: JsonObject, key: str, where: str) -> list[JsonObject]:
     items: list[object] = _get(obj, key, list, where)
     objects = [item for item in items if isinstance(item, dict)]
@@ -128,6 +138,8 @@ def parse_status(result: JsonObject) -> StatusResult:
             fence_address=_lane_address(h, "fence"),
             inventory_address=_lane_address(h, "inventory"),
             listing_problem=_opt_str(h, "listing_problem", "status host"),
+            path=_opt_str(h, "path", "status host"),
+            warnings=_strings(h, "warnings", "status host"),
         )
         for h in _objects(result, "hosts", "status")
     )

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from vmfenced.backends import Backend
+from vmfenced.config import HostConfig
 from vmfenced.daemon import vsphere_views
 from vmfenced.daemon.evidence import Coalesced
 from vmfenced.daemon.host import Host
@@ -91,15 +93,18 @@ class ApiHost:
         self.moref = record.moref
         self.host_name = record.name  # vCenter's name of the host (what vsphere_name names)
         self.name = vsphere_views.view_name(entry.name, record)
-        # What the evidence and the fencer read of every host: its entry (no Proxmox node) and
-        # no SSH backend (nothing to run on the host, no HA stack to hold off).
-        self.config = entry.session.config
+        # No SSH backend: nothing to run on the host, no HA stack to hold off.
         self.backend = None
         self.listing_problem: str | None = None
         # No SSH lanes: what the metrics read of a host's two lanes, from the session and its
         # map (the evidence gatherer passes `host.fence` to list_running, unused here).
         self.fence = ApiLane("api", lambda: self.state)
         self.inventory = ApiLane("map", self._map_state)
+
+    @property
+    def config(self) -> HostConfig:
+        """The vsphere entry's config (what the evidence reads of every host: no Proxmox node)."""
+        return self.entry.session.config
 
     @property
     def state(self) -> LinkState:
@@ -189,6 +194,7 @@ class ApiHost:
             "port": session.config.port,
             "kind": "vsphere",
             "state": self.state.value,
+            "path": f"api:{self.entry.name}",
             "since": session.since,
             "reason": session.reason,
             "listing_problem": self.listing_problem,
@@ -218,7 +224,11 @@ class HybridHost:
         self.fence = ssh.fence
         self.inventory = ssh.inventory
         self.config = ssh.config
-        self.backend = ssh.backend
+
+    @property
+    def backend(self) -> Backend:
+        """The SSH entry's backend (what the fencer reads for an HA hold-off: none on ESXi)."""
+        return self.ssh.backend
 
     @property
     def _lane_up(self) -> bool:
