@@ -16,7 +16,7 @@ from tests.integration.vcsim_fixtures import Actor, actor, password_file, vcsim,
 from vmfenced.config import HostConfig
 from vmfenced.daemon import vsphere_fence
 from vmfenced.daemon.verdict import Step
-from vmfenced.daemon.vsphere import VSphereSession
+from vmfenced.daemon.vsphere import VSphereSession, read_password
 from vmfenced.model import LinkState
 from vmflab.vcsim import USERNAME, Vcsim, VcsimBuild
 
@@ -233,6 +233,29 @@ async def test_wrong_password_is_down_with_reason(vcsim: Vcsim, tmp_path: Path) 
         assert "not-the-password" not in two.reason
     finally:
         await stopped(two, task)
+
+
+@pytest.mark.asyncio
+async def test_a_rotated_password_file_is_read_at_the_next_login(
+    vcsim: Vcsim, actor: Actor, tmp_path: Path
+) -> None:
+    config = host_config(vcsim.port, tmp_path)
+    assert config.password_file is not None
+    path = config.password_file
+    one = VSphereSession(config, lambda: read_password(path), call_timeout=5)
+    task = asyncio.create_task(one.supervise())
+    try:
+        assert await one.wait_up(WAIT_S), one.reason
+        # vcsim accepts only its own password: a file now holding another one must fail the
+        # next login, which proves the file is read again rather than remembered.
+        path.write_text("rotated-elsewhere\n")
+        assert actor.terminate_sessions() >= 1
+        await until(lambda: one.reason is not None and "InvalidLogin" in one.reason)
+        assert "rotated-elsewhere" not in (one.reason or "")
+        password_file(tmp_path)  # the right one back: logged in again without a restart
+        await until(lambda: one.state is LinkState.UP and one.logins >= 2)
+    finally:
+        await stopped(one, task)
 
 
 @pytest.mark.asyncio

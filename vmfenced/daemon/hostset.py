@@ -113,10 +113,11 @@ class HostSet:
     def _session(self, config: Config, name: str) -> VSphereEntry:
         """A started session for that entry; it serves once it is in `_entries`."""
         host = config.host(name)
-        assert host.password_file is not None  # the config requires it
+        password_file = host.password_file
+        assert password_file is not None  # the config requires it
         session = VSphereSession(
             host,
-            read_password(host.password_file),
+            lambda: read_password(password_file),
             on_change=self._vsphere_changed,
             call_timeout=config.daemon.fence_timeout,
         )

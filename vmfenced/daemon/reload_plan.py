@@ -134,7 +134,7 @@ def _identity(host: HostConfig) -> dict[str, object]:
 def _key_material(config: Config, host: str, keys: dict[Path, asyncssh.SSHKey]) -> list[bytes]:
     # A key file rewritten in place (same path, new key) must reach the host's next login.
     if config.host(host).kind == "vsphere":
-        # Its password file's path is in the entry; a new password in the same file is read
-        # at the next start (or reload that replaces the entry), not compared here.
+        # Its password file's path is in the entry; the session reads the file at every
+        # login, so a new password in the same file needs no new session.
         return []
     return [keys[path].public_data for path in config.ssh_for(config.host(host)).client_keys]

@@ -72,7 +72,7 @@ class VSphereSession:
     def __init__(
         self,
         config: HostConfig,
-        password: str,
+        password: str | Callable[[], str],
         *,
         on_change: Listener | None = None,
         call_timeout: float = CALL_TIMEOUT,
@@ -185,7 +185,10 @@ class VSphereSession:
         try:
             si = vim.ServiceInstance("ServiceInstance", stub)
             content = si.RetrieveContent()
-            content.sessionManager.Login(self.config.username, self._password)
+            # A password file is read again at every login: a rotated password reaches the
+            # next re-login without a restart (the session in use stays valid meanwhile).
+            password = self._password() if callable(self._password) else self._password
+            content.sessionManager.Login(self.config.username, password)
             # Kept for the session's life: a fresh read is then one round trip, not three.
             view = container_view(content, self.config.datacenter)
         except BaseException:
