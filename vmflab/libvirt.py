@@ -161,18 +161,6 @@ class LibvirtHost(SshdHost):
             raise LabError(f"unexpected PIDs {pids!r} for {names!r}", host=self.name)
         return {n: int(p) for n, p in zip(names, pids, strict=True) if p != "-"}
 
-    def pid_alive(self, pid: int) -> bool:
-        """Whether ``pid`` is a live process of this host (a zombie is dead)."""
-        if pid < 1:
-            raise LabError(f"not a PID: {pid}")
-        text = self.ssh(f"cat /proc/{pid}/stat 2>/dev/null || echo gone").stdout.strip()
-        if text == "gone":
-            return False
-        _, sep, rest = text.rpartition(") ")
-        if not sep or not rest:
-            raise LabError(f"unexpected /proc/{pid}/stat {text!r}", host=self.name)
-        return rest[0] not in "ZX"
-
     def __repr__(self) -> str:
         return f"LibvirtHost({self.name!r}, {self.address}:{self.port}, {self.accel})"
 

@@ -68,18 +68,6 @@ class ProxmoxHost(SshdHost):
         """How many HA rounds this node's LRM has done."""
         return int(self._verb("ha-rounds"))
 
-    def pid_alive(self, pid: int) -> bool:
-        """Whether ``pid`` is a live process of this node (a zombie is dead)."""
-        if pid < 1:
-            raise LabError(f"not a PID: {pid}")
-        text = self.ssh(f"cat /proc/{pid}/stat 2>/dev/null || echo gone").stdout.strip()
-        if text == "gone":
-            return False
-        _, sep, rest = text.rpartition(") ")
-        if not sep or not rest:
-            raise LabError(f"unexpected /proc/{pid}/stat {text!r}", host=self.name)
-        return rest[0] not in "ZX"
-
     def cmdline(self, pid: int) -> list[str]:
         """The process's argv on this node."""
         text = self.ssh(f"tr '\\0' '\\n' < /proc/{int(pid)}/cmdline").stdout

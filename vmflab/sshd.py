@@ -231,6 +231,19 @@ class SshdHost(NamespaceProcess):
         address = self.fallback_addresses[0] if self._primary_cut else self.address
         return ssh_argv(self._ssh, address, self.port, command)
 
+    def pid_alive(self, pid: int) -> bool:
+        """Whether ``pid`` is a live process of this host (a zombie is dead), read from /proc
+        over SSH; kinds whose VMs are not plain processes override it."""
+        if pid < 1:
+            raise LabError(f"not a PID: {pid}")
+        text = self.ssh(f"cat /proc/{pid}/stat 2>/dev/null || echo gone").stdout.strip()
+        if text == "gone":
+            return False
+        _, sep, rest = text.rpartition(") ")
+        if not sep or not rest:
+            raise LabError(f"unexpected /proc/{pid}/stat {text!r}", host=self.name)
+        return rest[0] not in "ZX"
+
     def ssh(
         self, command: str, *, check: bool = True, timeout: float | None = None
     ) -> subprocess.CompletedProcess[str]:
