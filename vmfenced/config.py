@@ -19,6 +19,7 @@ DEFAULT_STATE_DIRECTORY = Path("/var/lib/vmfenced")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 Seconds = Annotated[float, Field(gt=0, le=86400)]
+Mode = Literal["shell", "helper"]
 
 
 class _Frozen(BaseModel):
@@ -113,6 +114,9 @@ class SSHConfig(_Frozen):
     # Local address the SSH connections bind to, so fencing traffic leaves through the
     # signalling network's interface; None lets the kernel choose.
     source_address: str | None = None
+    # "shell": the key opens a shell and vmfenced sends its scripts; "helper": the key is bound
+    # to `vmfenced-host` (docs/host-helper.md), which runs only vmfenced's own operations.
+    mode: Mode = "shell"
 
     @field_validator("source_address")
     @classmethod
@@ -149,6 +153,7 @@ class HostConfig(_Frozen):
     keepalive_interval: Seconds | None = None
     keepalive_count_max: Annotated[int, Field(ge=1, le=100)] | None = None
     source_address: str | None = None
+    mode: Mode | None = None
 
     @field_validator("source_address")
     @classmethod

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vmflab import helper
 from vmflab.classic import EsxClassicHost
 from vmflab.control import LabError
 from vmflab.host import LabHost
@@ -22,7 +23,7 @@ from vmflab.libvirt import LibvirtHost, kvm_usable, start_hosts
 from vmflab.libvirt_files import LibvirtFiles
 from vmflab.lifecycle import Started
 from vmflab.sshd import SshSettings
-from vmflab.vmfs import HostFiles
+from vmflab.vmfs import NS_LAB, HostFiles
 
 USERNAME = "vmflab"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -148,6 +149,11 @@ class Lab(Started):
         self.workdir = Path(workdir).resolve()
         self.username = USERNAME
         self.client_key = self.workdir / "client_ed25519"
+        # Bound to vmfenced-host on every host (vmflab.helper): what helper-mode daemons use.
+        self.helper_key = self.workdir / "helper_ed25519"
+        # How lab daemons (vmflab.daemon) reach the hosts: "shell" with the lab key, "helper"
+        # with the helper key.
+        self.mode = "shell"
         self.known_hosts = self.workdir / "known_hosts"
         self.hosts: dict[str, LabHost] = {}
         self.libvirt: dict[str, LibvirtHost] = {}
@@ -179,6 +185,7 @@ class Lab(Started):
             self._keygen([host.files for host in hosts], client=True)
             for host in hosts:
                 host.prepare_kind()
+                self._install_helper(host)
             for host in hosts:
                 self.hosts[host.name] = host
                 host.launch()
@@ -206,19 +213,20 @@ class Lab(Started):
     def _keygen(self, files: list[HostFiles], *, client: bool) -> None:
         procs = [f.host_keygen() for f in files]
         if client:
-            for path in (self.client_key, self.client_key.with_name(self.client_key.name + ".pub")):
-                path.unlink(missing_ok=True)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmflab-client"),
-                        *("-f", str(self.client_key)),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
+            for key in (self.client_key, self.helper_key):
+                for path in (key, key.with_name(key.name + ".pub")):
+                    path.unlink(missing_ok=True)
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key.stem),
+                            *("-f", str(key)),
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                    )
                 )
-            )
         failures = []
         for proc in procs:
             _, err = proc.communicate(timeout=30)
@@ -233,6 +241,23 @@ class Lab(Started):
                 shims=SHIMS_DIR,
                 client_public_key=self.client_key.with_name(self.client_key.name + ".pub"),
             )
+
+    @property
+    def helper_public_key(self) -> Path:
+        return self.helper_key.with_name(self.helper_key.name + ".pub")
+
+    def _install_helper(self, host: LabHost) -> None:
+        files = host.files
+        helper.install(
+            kind=host.kind,
+            bin_dir=files.bin,
+            ns_bin=f"{NS_LAB}/bin",
+            authorized_keys=files.authorized_keys,
+            helper_public_key=self.helper_public_key,
+            busybox_ash=host.kind == "esxi",
+        )
+        # vmflab-session runs the helper for this key, as sshd would for its command=.
+        (files.lab / "helper_key").write_text(helper.key_blob(self.helper_public_key) + "\n")
 
     def _require_vmx(self) -> Path:
         if self._vmx is None:
@@ -256,6 +281,14 @@ class Lab(Started):
         address = self._new_address()
         files = LibvirtFiles(self.workdir / "hosts" / name)
         files.prepare(self.client_key.with_name(self.client_key.name + ".pub"))
+        helper.install(
+            kind="libvirt",
+            bin_dir=files.bin,
+            ns_bin=str(files.bin),
+            authorized_keys=files.authorized_keys,
+            helper_public_key=self.helper_public_key,
+            busybox_ash=False,
+        )
         host = LibvirtHost(
             name=name,
             address=address,
@@ -313,6 +346,7 @@ class Lab(Started):
         host = self._new_host(name)
         self._keygen([host.files], client=False)
         host.prepare_kind()
+        self._install_helper(host)
         self.hosts[name] = host
         host.launch()
         host.wait_ready()

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import fenced, lab_unavailable
+from tests.integration.conftest import MODES, fenced, lab_unavailable
 from vmfenced.backends import esx_classic as ec
 from vmfenced.config import HostConfig
 from vmfenced.model import RunningVM
 from vmflab import EsxClassicHost, Lab
 from vmflab.daemon import LabDaemon
 
-pytestmark = pytest.mark.integration
+# Every test in both modes: through a shell and through vmfenced-host.
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("lab_mode", MODES)]
 
 ALIASES = {"gfs1": "node1", "gfs2": "node2"}
 

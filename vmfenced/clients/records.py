@@ -63,6 +63,8 @@ class HostInfo(Record):
         "fence_address",
         "inventory_address",
         "listing_problem",
+        "mode",
+        "helper_version",
     )
 
     def __init__(
@@ -81,6 +83,8 @@ class HostInfo(Record):
         fence_address: str | None = None,
         inventory_address: str | None = None,
         listing_problem: str | None = None,
+        mode: str | None = None,
+        helper_version: str | None = None,
     ) -> None:
         self.name: Final = name
         self.address: Final = address
@@ -97,6 +101,10 @@ class HostInfo(Record):
         self.inventory_address: Final = inventory_address
         # Why the host's process listing fails while its link is up (fences needing it fail).
         self.listing_problem: Final = listing_problem
+        # "shell" or "helper" (None from daemons older than the helper), and the helper
+        # version the host answered at its fence lane's connection.
+        self.mode: Final = mode
+        self.helper_version: Final = helper_version
 
 
 class VmInfo(Record):
