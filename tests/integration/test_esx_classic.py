@@ -24,12 +24,13 @@ ALIASES = {"gfs1": "node1", "gfs2": "node2"}
 
 
 @pytest.fixture
-def classic_lab(tmp_path: Path) -> Iterator[Lab]:
+def classic_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """Two started esx-classic hosts (esx3a, esx3b); every process is killed afterwards."""
     reason = lab_unavailable()
     if reason:
         pytest.skip(reason)
     with Lab(tmp_path / "lab", host_names=(), classic_hosts=("esx3a", "esx3b")) as started:
+        started.mode = lab_mode
         yield started
 
 
