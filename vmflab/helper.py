@@ -59,7 +59,9 @@ def install(
     logger = bin_dir / "logger"
     logger.write_text(LOGGER_SHIM)
     logger.chmod(0o755)
-    line = authorized_keys_line(f"{ns_bin}/{HELPER_NAME}", helper_public_key.read_text().strip())
+    line = authorized_keys_line(
+        f"{ns_bin}/{HELPER_NAME}", helper_public_key.read_text().strip(), kind
+    )
     with authorized_keys.open("a") as keys:
         keys.write(line)
 

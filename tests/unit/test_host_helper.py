@@ -72,7 +72,17 @@ def test_ctl_prints_the_authorized_keys_line(tmp_path: Path) -> None:
     path = "/vmfs/volumes/datastore1/vmfenced/vmfenced-host"
     code, out, err = ctl("host-helper", "--kind", "esxi", "--path", path, "--public-key", str(key))
     assert (code, err) == (0, "")
-    assert out == f'restrict,command="{path}" {KEY}\n'
+    assert out == f'restrict,command="/bin/sh {path}" {KEY}\n'
+    code, out, err = ctl(
+        "host-helper",
+        "--kind",
+        "libvirt",
+        "--path",
+        "/usr/local/sbin/vmfenced-host",
+        "--public-key",
+        str(key),
+    )
+    assert out == f'restrict,command="/usr/local/sbin/vmfenced-host" {KEY}\n'
 
 
 @pytest.mark.parametrize(

@@ -65,15 +65,18 @@ def program(kind: str, libvirt_uri: str = DEFAULT_LIBVIRT_URI) -> str:
     return text.replace(URI_MARK, shlex.quote(libvirt_uri))
 
 
-def authorized_keys_line(path: str, public_key: str) -> str:
+def authorized_keys_line(path: str, public_key: str, kind: str = "libvirt") -> str:
     """`restrict,command="PATH" TYPE KEY COMMENT`: the key may run the helper and nothing
-    else (no forwarding, no pty, no user rc)."""
+    else (no forwarding, no pty, no user rc). On ESXi the program is handed to /bin/sh
+    rather than executed: a datastore file is no installed VIB, which hosts enforcing
+    execInstalledOnly refuse to execute."""
     if not _PATH.match(path) or "/../" in path or path.endswith("/.."):
         raise HelperUsage(f"--path: an absolute path of letters, digits and ._/+- only: {path!r}")
     words = public_key.split()
     if len(words) < 2 or not _KEY_TYPES.match(words[0]) or not _BASE64.match(words[1]):
         raise HelperUsage("--public-key: not an OpenSSH public key line (TYPE BASE64 [COMMENT])")
-    line = f'restrict,command="{path}" {words[0]} {words[1]}'
+    command = f"/bin/sh {path}" if kind == "esxi" else path
+    line = f'restrict,command="{command}" {words[0]} {words[1]}'
     comment = " ".join(words[2:])
     if comment and all(c.isprintable() and c != '"' for c in comment):
         line += f" {comment}"
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             except (OSError, UnicodeDecodeError) as exc:
                 stderr.write(f"vmfencectl: cannot read {args.public_key}: {exc}\n")
                 return EXIT_FAILED
-            text = authorized_keys_line(args.path, key.strip())
+            text = authorized_keys_line(args.path, key.strip(), args.kind)
     except HelperUsage as exc:
         stderr.write(f"vmfencectl: error: {exc}\n")
         return EXIT_USAGE
