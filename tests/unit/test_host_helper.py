@@ -156,12 +156,14 @@ def test_handshake_ping_and_a_guarded_kill(shell: list[str], tmp_path: Path) -> 
         f"{TOKEN} hello {hexed(version)}\n{TOKEN} ping\n"
         # A name full of shell syntax is data: the guard compares it, nothing runs it.
         f"{TOKEN} kill {hexed(f'$(touch {tmp_path}/owned); x')} 999999999 3\n"
+        f"{TOKEN} kill =vm1 999999999 3\n"
     )
     code, out, logged = serve(shell, "libvirt", requests, tmp_path)
     assert code == 0 and logged == []
     assert out == (
         f"vmf:helper {version} libvirt qemu:///system\n\n:vmf-end:{TOKEN}:0\n"
         f"\n:vmf-end:{TOKEN}:0\n"
+        f"vmf:not-running\n\n:vmf-end:{TOKEN}:0\n"
         f"vmf:not-running\n\n:vmf-end:{TOKEN}:0\n"
     )
     assert not (tmp_path / "owned").exists()
@@ -191,6 +193,9 @@ MALFORMED = [
     (f"{TOKEN} kill 41 1 1234567890", "number too long: 1234567890"),
     (f"{TOKEN} kill 4 1 1", "odd hex length: 4"),
     (f"{TOKEN} kill 0a 1 1", "a control character in a text argument"),
+    (f"{TOKEN} kill =a*b 1 1", "malformed request"),
+    (f"{TOKEN} kill =$(id) 1 1", "malformed request"),
+    (f"{TOKEN} kill 41=b 1 1", "not lowercase hex: 41=b"),
     (f"{TOKEN} list 9", "no listing 9"),
     (f"{TOKEN} ping " + "1" * helper.MAX_REQUEST, f"request over {helper.MAX_REQUEST} bytes"),
 ]
@@ -223,8 +228,9 @@ def test_any_other_ssh_command_is_refused(shell: list[str], tmp_path: Path) -> N
 
 def test_requests_encode_names_as_hex() -> None:
     backend = BACKENDS["esxi"]
-    assert helper.request("on", backend.power_on, ("12", "a b", "")) == "on 3132 612062 -"
-    assert helper.request("kill", backend.kill, ("x", 5, 7)) == "kill 78 5 7"
+    assert helper.request("on", backend.power_on, ("12", "a b", "")) == "on =12 612062 -"
+    assert helper.request("kill", backend.kill, ("/x/x.vmx", 5, 7)) == "kill =/x/x.vmx 5 7"
+    assert helper.request("kill", backend.kill, ("x\n", 5, 7)) == "kill 780a 5 7"
     with pytest.raises(ValueError):
         helper.framed("not-a-token", "ping")
 

@@ -8,7 +8,9 @@ dispatcher that reads one request a line on stdin for the life of the channel:
 
 TOKEN is 16 lowercase hex digits, VERB one of the words below; a number argument is decimal
 without leading zeros, a text argument the lowercase hex of its UTF-8 bytes ("-" for empty),
-so a name is data from the wire to the function's "$1", never shell text. The answer is the
+or "=" and the text itself when it holds only letters, digits and `._/+:@,=-` (most names and
+paths: no decoding on the host), so a name is data from the wire to the function's "$1",
+never shell text. The answer is the
 operation's output, then "\\n:vmf-end:TOKEN:STATUS\\n", exactly as shell mode frames it. A
 request outside this grammar is refused with a `vmf:refused REASON` line, logged with `logger`
 and the client's address, and ends the session: after a malformed request the stream cannot be
@@ -42,6 +44,8 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "hosthelper"
 # Separates the guarded kill's answer from the listing that follows it in one command.
 LISTING_MARK = "vmf:listing-after-kill"
 _TOKEN = re.compile(r"^[0-9a-f]{16}$")
+# Text that travels as itself ("=TEXT"); anything else is hex-encoded.
+_PLAIN = re.compile(r"[A-Za-z0-9._/+:@,=-]+")
 
 _PRELUDE = r"""vmf_from=${SSH_CONNECTION%% *}
 [ -n "$vmf_from" ] || vmf_from=${SSH_CLIENT%% *}
@@ -64,11 +68,19 @@ vmf_num() {
   esac
   [ "${#1}" -le 9 ] || { vmf_bad="number too long: $1"; return 1; }
 }
-# HEX -> vmf_txt, the text it encodes; "-" is the empty text. Control characters are refused:
-# no listing can carry them, so no real request holds one.
+# HEX or =TEXT -> vmf_txt, the text; "-" is the empty text. Control characters are refused:
+# no listing can carry them, so no real request holds one. Hex costs a fork (printf), so
+# plain text travels as itself.
 vmf_str() {
   vmf_txt=
   [ "$1" = - ] && return 0
+  case $1 in
+    =*) vmf_txt=${1#=}
+      case $vmf_txt in
+        *[!-A-Za-z0-9._/+:@,=]*) vmf_bad="not plain text: $1"; return 1;;
+      esac
+      return 0;;
+  esac
   case $1 in
     *[!0-9a-f]*) vmf_bad="not lowercase hex: $1"; return 1;;
   esac
@@ -99,7 +111,8 @@ while :; do
     vmf_refuse "request over @MAX@ bytes"; exit 2
   fi
   case $vmf_req in
-    *[!-0-9a-z\ ]*|' '*|*' '|*'  '*) vmf_refuse "malformed request: $vmf_req"; exit 2;;
+    *[!-0-9A-Za-z\ ._/+:@,=]*|' '*|*' '|*'  '*)
+      vmf_refuse "malformed request: $vmf_req"; exit 2;;
   esac
   set -f; set -- $vmf_req; set +f
   case $1 in
@@ -255,6 +268,8 @@ def encode(params: tuple[str, ...], args: tuple[Arg, ...]) -> str:
     for param, arg in zip(params, args, strict=True):
         if param == "num":
             words.append(str(int(arg)))
+        elif _PLAIN.fullmatch(str(arg)):
+            words.append(f"={arg}")
         else:
             words.append(str(arg).encode().hex() or "-")
     return " ".join(words)

@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-10339910b1a8d8bf for libvirt hosts: the only things vmfenced's key may do
+# vmfenced-host 1-9a3955de8ae4fce4 for libvirt hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind libvirt`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-10339910b1a8d8bf
+VMF_VERSION=1-9a3955de8ae4fce4
 VMF_KIND=libvirt
 LIBVIRT_DEFAULT_URI=@VMFENCED_LIBVIRT_URI@; export LIBVIRT_DEFAULT_URI; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 vmf_from=${SSH_CONNECTION%% *}
@@ -28,11 +28,19 @@ vmf_num() {
   esac
   [ "${#1}" -le 9 ] || { vmf_bad="number too long: $1"; return 1; }
 }
-# HEX -> vmf_txt, the text it encodes; "-" is the empty text. Control characters are refused:
-# no listing can carry them, so no real request holds one.
+# HEX or =TEXT -> vmf_txt, the text; "-" is the empty text. Control characters are refused:
+# no listing can carry them, so no real request holds one. Hex costs a fork (printf), so
+# plain text travels as itself.
 vmf_str() {
   vmf_txt=
   [ "$1" = - ] && return 0
+  case $1 in
+    =*) vmf_txt=${1#=}
+      case $vmf_txt in
+        *[!-A-Za-z0-9._/+:@,=]*) vmf_bad="not plain text: $1"; return 1;;
+      esac
+      return 0;;
+  esac
   case $1 in
     *[!0-9a-f]*) vmf_bad="not lowercase hex: $1"; return 1;;
   esac
@@ -436,7 +444,8 @@ while :; do
     vmf_refuse "request over 8192 bytes"; exit 2
   fi
   case $vmf_req in
-    *[!-0-9a-z\ ]*|' '*|*' '|*'  '*) vmf_refuse "malformed request: $vmf_req"; exit 2;;
+    *[!-0-9A-Za-z\ ._/+:@,=]*|' '*|*' '|*'  '*)
+      vmf_refuse "malformed request: $vmf_req"; exit 2;;
   esac
   set -f; set -- $vmf_req; set +f
   case $1 in
