@@ -71,12 +71,13 @@ def main() -> int:
                 "shell": ([], []),
                 "helper": ([], []),
             }
-            # Alternated, so drift in the machine's load falls on both modes alike.
-            for shell_vm, helper_vm in zip(names["daemon"], names["helper"], strict=True):
-                for mode, target, vm in (
-                    ("shell", daemon, shell_vm),
-                    ("helper", helper_daemon, helper_vm),
-                ):
+            # Alternated, so drift in the machine's load falls on both modes alike, and which
+            # goes first alternates too: the first fence's aftermath (the killed VM's teardown,
+            # its daemon's listing refresh) overlaps the second's.
+            pairs = enumerate(zip(names["daemon"], names["helper"], strict=True))
+            for i, (shell_vm, helper_vm) in pairs:
+                order = [("shell", daemon, shell_vm), ("helper", helper_daemon, helper_vm)]
+                for mode, target, vm in order if i % 2 == 0 else order[::-1]:
                     start = time.perf_counter()
                     reply = target.request({"op": "fence", "vm": vm})
                     times[mode][1].append((time.perf_counter() - start) * 1000)

@@ -263,3 +263,19 @@ def test_mode_is_an_ssh_setting_a_host_may_override() -> None:
     )
     assert [config.ssh_for(h).mode for h in config.hosts] == ["helper", "shell"]
     assert parse({"hosts": [{"name": "a", "address": "127.0.0.1"}]}).ssh.mode == "shell"
+
+
+def test_vmfencectl_knows_every_kind() -> None:
+    """A new kind needs its program shipped and named in vmfencectl (which cannot import the
+    registry): `python3 -m vmfenced.backends.helper`, then add it to hosthelper.KINDS."""
+    assert sorted(hosthelper.KINDS) == sorted(BACKENDS)
+    assert sorted(p.stem for p in helper.DATA_DIR.glob("*.sh")) == sorted(BACKENDS)
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+def test_an_esxi_kill_names_a_vmx_or_nothing_is_killed(shell: list[str], tmp_path: Path) -> None:
+    """Through the helper a node chooses the text the guard looks for: it must be a .vmx tail,
+    never a process name that would match another cartel's rows (hostd's, say)."""
+    code, out, _ = serve(shell, "esxi", f"{TOKEN} kill =hostd 1 3\n", tmp_path)
+    assert code == 0
+    assert out == f"not a .vmx path: hostd\nvmf:error\n\n:vmf-end:{TOKEN}:0\n"

@@ -237,6 +237,12 @@ def _kill_function() -> ShFunction:
 }
 vmf_kill() {
   VMF_VMX=$1; export VMF_VMX; vmf_c=$2; vmf_tries=$3
+  # Only a VM's cartel: the text looked for in its `ps -c` rows is a /dir/name.vmx tail (a
+  # helper request could otherwise name any text, and so any cartel).
+  case $VMF_VMX in
+    /*.vmx) ;;
+    *) printf 'not a .vmx path: %s\n' "$VMF_VMX"; echo vmf:error; return 0;;
+  esac
   vmf_chk; vmf_r=$?
   if [ "$vmf_r" -eq 0 ]; then
     if kill -9 "$vmf_c" 2>/dev/null; then

@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-6984f4cdbae3852c for esxi hosts: the only things vmfenced's key may do
+# vmfenced-host 1-cf0d289ba09a57cf for esxi hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind esxi`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-6984f4cdbae3852c
+VMF_VERSION=1-cf0d289ba09a57cf
 VMF_KIND=esxi
 PATH="$PATH:/usr/lib/vmware/bin"; export PATH; LC_ALL=C; export LC_ALL
 vmf_from=${SSH_CONNECTION%% *}
@@ -76,6 +76,12 @@ vmf_chk() {
 }
 vmf_kill() {
   VMF_VMX=$1; export VMF_VMX; vmf_c=$2; vmf_tries=$3
+  # Only a VM's cartel: the text looked for in its `ps -c` rows is a /dir/name.vmx tail (a
+  # helper request could otherwise name any text, and so any cartel).
+  case $VMF_VMX in
+    /*.vmx) ;;
+    *) printf 'not a .vmx path: %s\n' "$VMF_VMX"; echo vmf:error; return 0;;
+  esac
   vmf_chk; vmf_r=$?
   if [ "$vmf_r" -eq 0 ]; then
     if kill -9 "$vmf_c" 2>/dev/null; then
