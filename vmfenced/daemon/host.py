@@ -14,7 +14,8 @@ from vmfenced.backends import Arg, Backend, ShFunction
 from vmfenced.backends import helper as host_helper
 from vmfenced.backends.helper import LISTING_MARK
 from vmfenced.config import HostConfig, SSHConfig
-from vmfenced.daemon.link import KnownHosts, Lane
+from vmfenced.daemon.knownhosts import KnownHosts
+from vmfenced.daemon.link import Lane
 from vmfenced.errors import LinkError, ListingDoubt, ParseError
 from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM
 

@@ -18,7 +18,7 @@ from vmfenced.backends import Backend
 from vmfenced.config import Config
 from vmfenced.daemon.host import Host, HostListener
 from vmfenced.daemon.inventory import InventoryService
-from vmfenced.daemon.link import KnownHosts
+from vmfenced.daemon.knownhosts import KnownHosts
 from vmfenced.daemon.reload_plan import ReloadPlan
 from vmfenced.model import VMMap
 

@@ -18,7 +18,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -26,6 +25,7 @@ import structlog
 
 from vmfenced.backends.helper import HelperSpec, framed, request
 from vmfenced.config import HostConfig, SSHConfig
+from vmfenced.daemon.knownhosts import KnownHosts
 from vmfenced.errors import CommandTimeout, LinkDown, LinkError
 from vmfenced.model import LinkState
 
@@ -82,30 +82,6 @@ def describe(exc: BaseException) -> str:
         return exc.reason
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class KnownHosts:
-    """known_hosts files parsed once and shared by every lane, parsed again when they change.
-
-    asyncssh parses a path on every connection: with 200 hosts that is a quarter of the
-    daemon's start-up CPU (every lane parses every entry). Keyed by (mtime, size, inode), an
-    edited file is read again at the next connection, as when asyncssh read it each time.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[Path, tuple[tuple[int, int, int], asyncssh.SSHKnownHosts]] = {}
-
-    def get(self, path: Path) -> asyncssh.SSHKnownHosts | str:
-        try:
-            st = path.stat()
-        except OSError:
-            return str(path)  # asyncssh reports the missing file as it always did
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        cached = self._cache.get(path)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, asyncssh.read_known_hosts(str(path)))
-            self._cache[path] = cached
-        return cached[1]
 
 
 class Lane:
