@@ -130,6 +130,7 @@ class Lab(Started):
         accel: str = "auto",
         classic_hosts: Sequence[str] = (),
         dual_homed: Sequence[str] = (),
+        esxi_helper_ash: bool = True,
     ) -> None:
         """``libvirt_hosts``: KVM hosts with real qemu VMs (``vmflab.libvirt``), reached as root;
         ``accel``: "kvm", "tcg" or "auto" (KVM when /dev/kvm is usable);
@@ -162,6 +163,7 @@ class Lab(Started):
         self._dual_homed = set(dual_homed)
         self._libvirt_names = list(libvirt_hosts)
         self._accel = accel
+        self._esxi_helper_ash = esxi_helper_ash
         self._cache_dir = cache_dir or default_cache_dir()
         self._vmx: Path | None = None
         self._worlds: Path | None = None
@@ -254,7 +256,7 @@ class Lab(Started):
             ns_bin=f"{NS_LAB}/bin",
             authorized_keys=files.authorized_keys,
             helper_public_key=self.helper_public_key,
-            busybox_ash=host.kind == "esxi",
+            busybox_ash=self._esxi_helper_ash and host.kind == "esxi",
         )
         # vmflab-session runs the helper for this key, as sshd would for its command=.
         (files.lab / "helper_key").write_text(helper.key_blob(self.helper_public_key) + "\n")
