@@ -26,6 +26,7 @@ ROOT = BENCH.parent
 RUNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Fence latency and the agent, ESXi lab (figures 1-3)", "fence.py", ("-n", "30")),
     ("Beside fence_virsh on real qemu VMs, and through Pacemaker", "virsh.py", ("-n", "20")),
+    ("Beside fence_pve on lab Proxmox VE VMs, plain and HA-managed", "proxmox.py", ("-n", "20")),
     ("Recovery from a hung and a dead host, default link settings", "recovery.py", ("-n", "10")),
     ("Under load: every core busy with the hosts' VM processes", "load.py", ("-n", "40")),
     (

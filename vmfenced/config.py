@@ -5,6 +5,8 @@ from __future__ import annotations
 import grp
 import ipaddress
 import os
+import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -133,11 +135,28 @@ def _ip_literal(value: str | None) -> str | None:
     return value
 
 
+# Keys only an SSH host has, and keys only a vSphere API host (kind = "vsphere") has.
+_SSH_ONLY = (
+    "fallback_addresses",
+    "libvirt_uri",
+    "client_keys",
+    "known_hosts",
+    "keepalive_interval",
+    "keepalive_count_max",
+    "vsphere_name",
+    # A vsphere entry speaks the API, not SSH: it has no helper to bind a key to.
+    "mode",
+)
+_VSPHERE_ONLY = ("password_file", "tls_ca_file", "tls_thumbprint", "tls_verify", "datacenter")
+VSPHERE_PORT = 443
+
+
 class HostConfig(_Frozen):
     name: Annotated[str, Field(pattern=_NAME)]
     address: Annotated[str, Field(min_length=1, max_length=255)]
+    # 22 for the SSH kinds; a vsphere entry without a port gets 443 (_vsphere_port).
     port: Annotated[int, Field(ge=1, le=65535)] = 22
-    kind: Literal["esxi", "libvirt", "esx-classic"] = "esxi"
+    kind: Literal["esxi", "libvirt", "esx-classic", "proxmox", "vsphere"] = "esxi"
     # Other addresses of this same host (say its management network), tried in order when
     # `address` is unreachable; each is checked against known_hosts on its own.
     fallback_addresses: tuple[Annotated[str, Field(min_length=1, max_length=255)], ...] = ()
@@ -145,6 +164,9 @@ class HostConfig(_Frozen):
     libvirt_uri: Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://[^\s]*$", max_length=1024)] = (
         "qemu:///system"
     )
+    # proxmox hosts only: this host's node name in the Proxmox cluster (its directory under
+    # /etc/pve/nodes), when it differs from `name`.
+    pve_node: Annotated[str, Field(pattern=_NAME)] | None = None
     # Per-host overrides of [ssh]; None means "use the default".
     username: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     client_keys: Annotated[tuple[Path, ...], Field(min_length=1)] | None = None
@@ -154,11 +176,63 @@ class HostConfig(_Frozen):
     keepalive_count_max: Annotated[int, Field(ge=1, le=100)] | None = None
     source_address: str | None = None
     mode: Mode | None = None
+    # kind = "vsphere" (a vCenter or a standalone ESXi host's API; docs/vsphere.md): a root-only
+    # file holding the password (never in the TOML, never logged), and how its TLS certificate
+    # is trusted: the system's CAs, tls_ca_file, or a pinned SHA-256 thumbprint.
+    # tls_verify = false trusts anything: for labs only, and `vmfencectl status` says so.
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_thumbprint: str | None = None
+    tls_verify: bool = True
+    # Only this datacenter's VMs and hosts (its name); None: the whole inventory.
+    datacenter: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    # SSH kinds: this host's name in a vsphere entry's inventory. The vCenter map then places
+    # VMs on this host, and a fence of a VM it runs goes over this host's SSH lane.
+    vsphere_name: Annotated[str, Field(min_length=1, max_length=255)] | None = None
 
     @field_validator("source_address")
     @classmethod
     def _source(cls, value: str | None) -> str | None:
         return _ip_literal(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vsphere_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "vsphere" and "port" not in data:
+            return {**data, "port": VSPHERE_PORT}
+        return data
+
+    @field_validator("tls_thumbprint")
+    @classmethod
+    def _thumbprint(cls, value: str | None) -> str | None:
+        """SHA-256 only (SHA-1 pins are forgeable), as hex with or without colons; kept as
+        lower-case colon pairs, the form pyvmomi and vCenter show."""
+        if value is None:
+            return None
+        digits = value.replace(":", "").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digits) or (
+            ":" in value and not re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31}", value)
+        ):
+            raise ValueError("must be a SHA-256 thumbprint: 64 hex digits, or 32 pairs with ':'")
+        return ":".join(digits[i : i + 2] for i in range(0, 64, 2))
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> HostConfig:
+        given = self.model_fields_set
+        if self.kind == "vsphere":
+            wrong = [k for k in _SSH_ONLY if k in given]
+            if wrong:
+                raise ValueError(f'{", ".join(wrong)}: not for kind = "vsphere" (SSH hosts only)')
+            # No default from [ssh]: vCenter's user is not the hypervisors' root.
+            if self.username is None or self.password_file is None:
+                raise ValueError('kind = "vsphere" needs username and password_file')
+            if not self.tls_verify and (self.tls_ca_file or self.tls_thumbprint):
+                raise ValueError("tls_verify = false contradicts tls_ca_file / tls_thumbprint")
+        else:
+            wrong = [k for k in _VSPHERE_ONLY if k in given]
+            if wrong:
+                raise ValueError(f'{", ".join(wrong)}: only for kind = "vsphere"')
+        return self
 
     @model_validator(mode="after")
     def _fallbacks(self) -> HostConfig:
@@ -178,10 +252,22 @@ class HostConfig(_Frozen):
         return (self.address, *self.fallback_addresses)
 
     @model_validator(mode="after")
-    def _libvirt_only(self) -> HostConfig:
+    def _kind_only_keys(self) -> HostConfig:
         if self.kind != "libvirt" and "libvirt_uri" in self.model_fields_set:
             raise ValueError(f'libvirt_uri: only for kind = "libvirt" (this host is {self.kind})')
+        if self.kind != "proxmox" and self.pve_node is not None:
+            raise ValueError(f'pve_node: only for kind = "proxmox" (this host is {self.kind})')
+        if self.kind not in ("esxi", "esx-classic") and self.vsphere_name is not None:
+            # Only an ESXi host is in a vCenter's inventory.
+            raise ValueError(f"vsphere_name: only for ESXi hosts (this host is {self.kind})")
         return self
+
+    @property
+    def node(self) -> str | None:
+        """The Proxmox node this host is (None for the other kinds)."""
+        if self.kind != "proxmox":
+            return None
+        return self.pve_node or self.name
 
 
 _SSH_KEYS = tuple(SSHConfig.model_fields)
@@ -211,6 +297,19 @@ class Config(_Frozen):
                     f"{host.address}:{host.port}"
                 )
             endpoints[endpoint] = host.name
+        nodes: dict[str, str] = {}
+        for host in self.hosts:
+            # A VM's owner node must name one configured host: "already off" and power-on
+            # are decided on that host's answers.
+            if host.node is not None and nodes.setdefault(host.node, host.name) != host.name:
+                raise ValueError(
+                    f"hosts: {host.name!r} and {nodes[host.node]!r} are both Proxmox node "
+                    f"{host.node!r}"
+                )
+        mapped = [h.vsphere_name for h in self.hosts if h.vsphere_name is not None]
+        twice = sorted({n for n in mapped if mapped.count(n) > 1})
+        if twice:
+            raise ValueError(f"hosts: vsphere_name {twice[0]!r} is given to two hosts")
         for alias, vm in self.aliases.items():
             if not vm or len(vm) > 256:
                 raise ValueError(f"aliases.{alias}: VM name must be 1 to 256 characters")
@@ -277,6 +376,9 @@ def check_environment(config: Config) -> list[str]:
     problems: list[str] = []
     files: dict[Path, str] = {}
     for host in config.hosts:
+        if host.kind == "vsphere":
+            problems += _vsphere_environment(host)
+            continue
         ssh = config.ssh_for(host)
         for key in ssh.client_keys:
             files.setdefault(key, f"client key of {host.name}")
@@ -292,4 +394,27 @@ def check_environment(config: Config) -> list[str]:
             grp.getgrnam(group)
         except KeyError:
             problems.append(f"daemon.socket_group: no group named {group!r}")
+    return problems
+
+
+def _vsphere_environment(host: HostConfig) -> list[str]:
+    problems = []
+    path = host.password_file
+    if path is not None:
+        try:
+            info = path.stat()
+        except OSError as exc:
+            problems.append(f"password_file of {host.name}: {path}: {exc.strerror}")
+        else:
+            # Root-only: anyone else who reads it can power off every VM of the inventory.
+            if not stat.S_ISREG(info.st_mode):
+                problems.append(f"password_file of {host.name}: {path} is not a file")
+            elif info.st_uid != 0 or info.st_mode & 0o077:
+                problems.append(
+                    f"password_file of {host.name}: {path} must be owned by root and not "
+                    f"readable by others (chmod 600), not mode {stat.S_IMODE(info.st_mode):04o}"
+                )
+    ca = host.tls_ca_file
+    if ca is not None and not (ca.is_file() and os.access(ca, os.R_OK)):
+        problems.append(f"tls_ca_file of {host.name}: {ca} is not a readable file")
     return problems

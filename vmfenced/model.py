@@ -21,6 +21,17 @@ class KillOutcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class HoldOff:
+    """What a VM's HA stack (Proxmox) answered when asked to keep a killed VM stopped."""
+
+    outcome: str  # one of HOLD_OUTCOMES
+    detail: str = ""
+
+
+HOLD_OUTCOMES = ("not-managed", "stop-accepted", "stop-refused", "unknown")
+
+
+@dataclass(frozen=True, slots=True)
 class RunningVM:
     """One running VM instance: cartel/world IDs belong to this power-on on this host."""
 
@@ -29,6 +40,12 @@ class RunningVM:
     cartel: int
     world: int | None = None
     uuid: str | None = None
+    # Proxmox VE: the VMID, the VM's identity (a rename changes `name` at once, never the
+    # VMID). A request may name the VM by either.
+    vmid: str | None = None
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.name or (self.vmid is not None and name == self.vmid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +55,14 @@ class RegisteredVM:
     vmid: str
     name: str
     config_file: str
+    # Proxmox VE: the cluster node that owns the VM (its config lives in that node's directory
+    # of /etc/pve). Any node lists the whole cluster's VMs, so a registration names its owner;
+    # None for the other kinds, whose registrations are the listing host's own.
+    owner: str | None = None
+
+    def answers_to(self, name: str) -> bool:
+        """A Proxmox VM answers to its VMID as well as to its name."""
+        return name == self.name or (self.owner is not None and name == self.vmid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,16 +94,28 @@ class VMMap:
     def _put(self, host: str, inventory: HostInventory | None) -> None:
         old = self.hosts.get(host)
         if old is not None:
-            _unindex(self._running, host, (vm.name for vm in old.running))
-            _unindex(self._registered, host, (reg.name for reg in old.registered or ()))
+            _unindex(
+                self._running, host, (k for vm in old.running for k in _keys(vm.name, vm.vmid))
+            )
+            _unindex(
+                self._registered,
+                host,
+                (
+                    k
+                    for reg in old.registered or ()
+                    for k in _keys(reg.name, reg.vmid if reg.owner is not None else None)
+                ),
+            )
         if inventory is None:
             self.hosts.pop(host, None)
             return
         self.hosts[host] = inventory
         for vm in inventory.running:
-            self._running.setdefault(vm.name, set()).add(host)
+            for key in _keys(vm.name, vm.vmid):
+                self._running.setdefault(key, set()).add(host)
         for reg in inventory.registered or ():
-            self._registered.setdefault(reg.name, set()).add(host)
+            for key in _keys(reg.name, reg.vmid if reg.owner is not None else None):
+                self._registered.setdefault(key, set()).add(host)
 
     def update(self, host: str, inventory: HostInventory) -> None:
         self._put(host, inventory)
@@ -100,7 +137,7 @@ class VMMap:
     def drop_running(self, host: str, name: str) -> None:
         old = self.hosts.get(host)
         if old is not None:
-            kept = tuple(vm for vm in old.running if vm.name != name)
+            kept = tuple(vm for vm in old.running if not vm.answers_to(name))
             self._put(host, HostInventory(kept, old.registered, old.at))
 
     def where_running(self, name: str) -> list[Located]:
@@ -108,7 +145,7 @@ class VMMap:
             Located(host, vm)
             for host in sorted(self._running.get(name, ()))
             for vm in self.hosts[host].running
-            if vm.name == name
+            if vm.answers_to(name)
         ]
 
     def where_registered(self, name: str) -> list[tuple[str, RegisteredVM]]:
@@ -116,7 +153,7 @@ class VMMap:
             (host, reg)
             for host in sorted(self._registered.get(name, ()))
             for reg in self.hosts[host].registered or ()
-            if reg.name == name
+            if reg.answers_to(name)
         ]
 
     def is_known(self, name: str) -> bool:
@@ -140,6 +177,10 @@ def alias_of(vm: str, aliases: dict[str, str]) -> str | None:
         if target == vm:
             return alias
     return None
+
+
+def _keys(name: str, vmid: str | None) -> tuple[str, ...]:
+    return (name,) if vmid is None or vmid == name else (name, vmid)
 
 
 def _unindex(index: dict[str, set[str]], host: str, names: Iterable[str]) -> None:

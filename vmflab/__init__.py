@@ -3,8 +3,9 @@
 Each host is a PID + mount namespace whose PID 1 is the lab's PID-1 program (``vmflab.pid1``)
 with the layer of the host's kind, with its own sshd on a loopback address, ESXi command shims
 (``vmdumper``, ``ps``, ``esxcli``, ``vim-cmd``) first in PATH and VMs that are real processes
-(``vmflab/vmx.c``). libvirt hosts run real qemu; ``vmflab.cluster`` is a Pacemaker cluster on
-the lab's VMs.
+(``vmflab/vmx.c``). libvirt hosts run real qemu; Proxmox VE nodes (``vmflab.proxmox``) share
+one ``/etc/pve`` and run VMs with Proxmox's kvm command line; ``vmflab.cluster`` is a Pacemaker
+cluster on the lab's VMs.
 
 The names below are imported on first use: PID 1 imports ``vmflab.pid1`` (standard library
 only) and must not load the rest of the lab with it.
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from vmflab.host import LabHost, RunningVm
     from vmflab.lab import Lab
     from vmflab.libvirt import LibvirtHost
+    from vmflab.proxmox import ProxmoxCluster, ProxmoxHost
 
 __all__ = [
     "EsxClassicHost",
@@ -28,6 +30,8 @@ __all__ = [
     "LabError",
     "LabHost",
     "LibvirtHost",
+    "ProxmoxCluster",
+    "ProxmoxHost",
     "RunningVm",
     "SshCommandError",
 ]
@@ -38,6 +42,8 @@ _MODULES = {
     "LabError": "vmflab.control",
     "LabHost": "vmflab.host",
     "LibvirtHost": "vmflab.libvirt",
+    "ProxmoxCluster": "vmflab.proxmox",
+    "ProxmoxHost": "vmflab.proxmox",
     "RunningVm": "vmflab.host",
     "SshCommandError": "vmflab.control",
 }

@@ -38,7 +38,10 @@ def render_config(
     hosts: list[str] | None = None,
     daemon: Mapping[str, Any] | None = None,
     ssh: Mapping[str, Any] | None = None,
+    extra: str = "",
 ) -> str:
+    """``extra``: TOML appended as is (hosts of kinds the lab has no host object for, such as
+    a vcsim entry)."""
     daemon_keys = {
         "socket": str(socket_path),
         "socket_mode": "0660",
@@ -76,7 +79,7 @@ def render_config(
             lines += [f"fallback_addresses = {toml_value(list(fallbacks))}"]
     lines += ["", "[aliases]"]
     lines += [f"{toml_value(k)} = {toml_value(v)}" for k, v in (aliases or {}).items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
 
 
 class LabDaemon(Started):

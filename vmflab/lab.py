@@ -22,6 +22,7 @@ from vmflab.host import LabHost
 from vmflab.libvirt import LibvirtHost, kvm_usable, start_hosts
 from vmflab.libvirt_files import LibvirtFiles
 from vmflab.lifecycle import Started
+from vmflab.proxmox import KVM_SOURCE, ProxmoxCluster, ProxmoxHost
 from vmflab.sshd import SshSettings
 from vmflab.vmfs import NS_LAB, HostFiles
 
@@ -131,20 +132,25 @@ class Lab(Started):
         classic_hosts: Sequence[str] = (),
         dual_homed: Sequence[str] = (),
         esxi_helper_ash: bool = True,
+        proxmox_hosts: Sequence[str] = (),
+        pve_ha_round: float = 10.0,
     ) -> None:
         """``libvirt_hosts``: KVM hosts with real qemu VMs (``vmflab.libvirt``), reached as root;
         ``accel``: "kvm", "tcg" or "auto" (KVM when /dev/kvm is usable);
         ``classic_hosts``: ESX 3.x service-console hosts (``vmflab.classic``), after the ESXi
         ones; ``dual_homed``: ESXi or classic hosts whose sshd also listens on a second
-        loopback address (``LabHost.fallback_addresses``, ``cut_primary``)."""
+        loopback address (``LabHost.fallback_addresses``, ``cut_primary``);
+        ``proxmox_hosts``: Proxmox VE nodes sharing one /etc/pve (``vmflab.proxmox``, ``self.pve``),
+        whose HA stand-in runs a round every ``pve_ha_round`` seconds."""
         names = [*host_names, *classic_hosts]
         unknown = set(dual_homed) - set(names)
         if unknown:
             raise LabError(f"dual_homed hosts {sorted(unknown)} are not ESXi or classic hosts")
-        for name in [*names, *libvirt_hosts]:
+        every = [*names, *libvirt_hosts, *proxmox_hosts]
+        for name in every:
             self._check_host_name(name)
-        if len(set(names) | set(libvirt_hosts)) != len(names) + len(libvirt_hosts):
-            raise LabError(f"duplicate host names in {[*names, *libvirt_hosts]}")
+        if len(set(every)) != len(every):
+            raise LabError(f"duplicate host names in {every}")
         if accel not in ("auto", "kvm", "tcg"):
             raise LabError(f"accel must be auto, kvm or tcg, not {accel!r}")
         self.workdir = Path(workdir).resolve()
@@ -162,6 +168,9 @@ class Lab(Started):
         self._classic = set(classic_hosts)
         self._dual_homed = set(dual_homed)
         self._libvirt_names = list(libvirt_hosts)
+        self._pve_names = list(proxmox_hosts)
+        self._pve_ha_round = pve_ha_round
+        self.pve: ProxmoxCluster | None = None
         self._accel = accel
         self._esxi_helper_ash = esxi_helper_ash
         self._cache_dir = cache_dir or default_cache_dir()
@@ -195,6 +204,8 @@ class Lab(Started):
             for host in hosts:
                 host.wait_ready()
             start_hosts(kvms, self._cache_dir / "libvirt-qemu")
+            if self._pve_names:
+                self._start_proxmox()
             self.write_known_hosts()
         except BaseException:
             self.close()
@@ -304,19 +315,41 @@ class Lab(Started):
         self.libvirt[name] = host
         return host
 
-    def host(self, name: str) -> LabHost | LibvirtHost:
-        """An ESXi or libvirt host by name."""
-        found = self.hosts.get(name) or self.libvirt.get(name)
+    def _start_proxmox(self) -> None:
+        self.pve = ProxmoxCluster(
+            self.workdir / "pve",
+            self._pve_names,
+            ssh_settings=SshSettings("root", self.client_key, self.known_hosts),
+            new_address=self._new_address,
+            pick_port=free_port,
+            ha_round=self._pve_ha_round,
+            accel="kvm"
+            if (kvm_usable() if self._accel == "auto" else self._accel == "kvm")
+            else "tcg",
+        )
+        self.pve.build(
+            self.workdir / "hosts",
+            build_c(KVM_SOURCE, self._cache_dir),
+            self.client_key.with_name(self.client_key.name + ".pub"),
+        )
+        self.pve.start()
+
+    def _pve_hosts(self) -> dict[str, ProxmoxHost]:
+        return self.pve.nodes if self.pve is not None else {}
+
+    def host(self, name: str) -> LabHost | LibvirtHost | ProxmoxHost:
+        """An ESXi, libvirt or Proxmox host by name."""
+        found = self.hosts.get(name) or self.libvirt.get(name) or self._pve_hosts().get(name)
         if found is None:
             raise KeyError(name)
         return found
 
-    def _all_hosts(self) -> list[LabHost | LibvirtHost]:
-        return [*self.hosts.values(), *self.libvirt.values()]
+    def _all_hosts(self) -> list[LabHost | LibvirtHost | ProxmoxHost]:
+        return [*self.hosts.values(), *self.libvirt.values(), *self._pve_hosts().values()]
 
     def host_names(self) -> list[str]:
-        """Every host, ESXi ones first."""
-        return [*self.hosts, *self.libvirt]
+        """Every host, ESXi ones first, Proxmox nodes last."""
+        return [*self.hosts, *self.libvirt, *self._pve_hosts()]
 
     def _new_host(self, name: str) -> LabHost:
         address = self._new_address()

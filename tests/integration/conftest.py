@@ -72,6 +72,24 @@ def kvm_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
         yield started
 
 
+def fence_pve_unavailable() -> str | None:
+    if not Path("/usr/sbin/fence_pve").exists():
+        return "no /usr/sbin/fence_pve (fence-agents)"
+    done = subprocess.run(["/usr/bin/python3", "-c", "import pycurl"], check=False)
+    return "fence_pve needs python3-pycurl" if done.returncode else None
+
+
+@pytest.fixture
+def pve_lab(tmp_path: Path) -> Iterator[Lab]:
+    """Three lab Proxmox VE nodes (pve1, pve2, pve3) sharing one /etc/pve, their HA stand-in
+    on half-second rounds (Proxmox: 10 s); every process is killed afterwards."""
+    skip_without_lab()
+    with Lab(
+        tmp_path / "lab", host_names=(), proxmox_hosts=("pve1", "pve2", "pve3"), pve_ha_round=0.5
+    ) as started:
+        yield started
+
+
 @pytest.fixture
 def lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """A started 3-host lab (esx1, esx2, esx3); every process of it is killed afterwards,

@@ -17,7 +17,7 @@ def test_dry_run_lists_existing_scripts() -> None:
         check=True,
     )
     commands = done.stdout.splitlines()
-    assert len(commands) == 7
+    assert len(commands) == 8
     for command in commands:
         script = command.split()[1]
         assert (BENCH.parent / script).is_file(), command

@@ -9,6 +9,7 @@ from typing import cast
 
 import pytest
 
+from vmfenced.config import HostConfig
 from vmfenced.daemon.fence import Fencer
 from vmfenced.daemon.host import Host
 from vmfenced.errors import FenceFailed
@@ -30,6 +31,8 @@ class StandInHost:
         self.calls = calls
         self.listing_problem: str | None = None
         self.fence = object()
+        # The evidence reads which Proxmox node a host is (None: another kind).
+        self.config = HostConfig(name=name, address=name)
 
     async def list_running(self, _lane: object, _timeout: float) -> tuple[RunningVM, ...]:
         self.calls.append(("list", self.name))

@@ -219,3 +219,107 @@ def test_a_host_in_doubt_fails_a_kill_elsewhere_whatever_it_listed_before() -> N
     decision = decide_off(VM, views, KillReport(target, KillOutcome.KILLED))
     assert decision.step is Step.FAIL and decision.host == "esx2"
     assert "cannot be read" in decision.reason
+
+
+# ---------------------------------------------------------------------------------- Proxmox VE
+
+PVE = ("pve1", "pve2", "pve3")
+# What one node's registration listing says of the VM: the whole cluster's, from any node.
+OWNED = RegisteredVM("100", VM, "/etc/pve/nodes/pve2/qemu-server/100.conf", owner="pve2")
+PVE_REGS = {
+    "unasked": None,
+    "owned": (OWNED,),
+    "owner-missing": (
+        RegisteredVM("100", VM, "/etc/pve/nodes/pve9/qemu-server/100.conf", owner="pve9"),
+    ),
+    "shared-name": (
+        RegisteredVM("100", VM, "/etc/pve/nodes/pve2/qemu-server/100.conf", owner="pve2"),
+        RegisteredVM("101", VM, "/etc/pve/nodes/pve3/qemu-server/101.conf", owner="pve3"),
+    ),
+    "none": (),
+    "failed": None,
+}
+
+
+def pve_worlds(host: str) -> list[World]:
+    out = []
+    for truth, answer, reg in itertools.product((0, 1), ("unasked", "fresh", "silent"), PVE_REGS):
+        fresh = None
+        if answer == "fresh":
+            fresh = tuple(
+                RunningVM(VM, "/etc/pve/nodes/pve2/qemu-server/100.conf", 900, vmid="100")
+                for _ in range(truth)
+            )
+        view_ = HostView(
+            host,
+            fresh=fresh,
+            problem="unreachable" if answer == "silent" else None,
+            latest=(),
+            registered=PVE_REGS[reg],
+            reg_problem="exited 3" if reg == "failed" else None,
+            node=host,
+        )
+        out.append(World(truth, view_))
+    return out
+
+
+def test_proxmox_off_status_on_need_the_owner_configured() -> None:
+    seen: set[Step] = set()
+    for combo in itertools.product(*(pve_worlds(h) for h in PVE)):
+        views = [w.view for w in combo]
+        regs = [r for w in combo for r in w.view.registered or ()]
+        clean = bool(regs) and {(r.owner, r.vmid) for r in regs} == {("pve2", "100")}
+        for decision in (decide_off(VM, views), decide_status(VM, views)):
+            seen.add(decision.step)
+            if decision.step in (Step.ALREADY_OFF, Step.OFF):
+                assert all(w.view.fresh == () and w.truth == 0 for w in combo), combo
+                # Only the configured owner's registration, never a missing node's or a twin's.
+                assert clean, combo
+                assert decision.hosts == ("pve2",) or decision.step is Step.OFF
+        on = decide_on(VM, views)
+        seen.add(on.step)
+        if on.step is Step.POWER_ON:
+            assert all(w.view.fresh == () and w.truth == 0 for w in combo), combo
+            assert clean and on.hosts == ("pve2",), combo
+            assert on.registration is not None and on.registration.vmid == "100"
+        if any(r.owner == "pve9" for r in regs) and all(w.view.fresh == () for w in combo):
+            for decision in (decide_off(VM, views), decide_on(VM, views)):
+                if decision.step is Step.FAIL and "pve9" in decision.reason:
+                    assert (
+                        "not in the configuration" in decision.reason
+                        or "changed while" in decision.reason
+                        or "more than one VM" in decision.reason
+                    )
+    assert {Step.ALREADY_OFF, Step.OFF, Step.POWER_ON, Step.KILL, Step.FAIL} <= seen
+
+
+def test_proxmox_owner_missing_from_the_config_fails_naming_it() -> None:
+    views = [view(h, fresh=(), registered=PVE_REGS["owner-missing"], node=h) for h in PVE]
+    for decision in (decide_off(VM, views), decide_status(VM, views), decide_on(VM, views)):
+        assert decision.step is Step.FAIL and not decision.unknown
+        assert "Proxmox node pve9" in decision.reason and "VMID 100" in decision.reason
+
+
+def test_proxmox_a_name_two_vmids_share_fails() -> None:
+    views = [view(h, fresh=(), registered=PVE_REGS["shared-name"], node=h) for h in PVE]
+    for decision in (decide_off(VM, views), decide_on(VM, views)):
+        assert decision.step is Step.FAIL and "more than one VM" in decision.reason
+        assert "VMID" in decision.reason
+
+
+def test_proxmox_one_registration_reported_by_every_node_counts_once() -> None:
+    views = [view(h, fresh=(), registered=PVE_REGS["owned"], node=h) for h in PVE]
+    off = decide_off(VM, views)
+    assert off.step is Step.ALREADY_OFF and off.hosts == ("pve2",)
+    assert off.registration == OWNED
+    on = decide_on(VM, views)
+    assert on.step is Step.POWER_ON and on.hosts == ("pve2",)
+
+
+def test_proxmox_live_migration_twins_fail() -> None:
+    """Both nodes run the VMID for a moment: nothing is killed on a guess."""
+    one = RunningVM(VM, "/etc/pve/nodes/pve1/qemu-server/100.conf", 11, vmid="100")
+    other = RunningVM(VM, "/etc/pve/nodes/pve1/qemu-server/100.conf", 22, vmid="100")
+    views = [view("pve1", fresh=(one,), node="pve1"), view("pve2", fresh=(other,), node="pve2")]
+    decision = decide_off(VM, views)
+    assert decision.step is Step.FAIL and "2 instances" in decision.reason

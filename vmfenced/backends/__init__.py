@@ -19,7 +19,7 @@ from typing import Literal
 from vmfenced.backends.text import split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
-from vmfenced.model import KillOutcome, RegisteredVM, RunningVM
+from vmfenced.model import HoldOff, KillOutcome, RegisteredVM, RunningVM
 
 RunningParser = Callable[[str], tuple[RunningVM, ...]]
 # A positional argument: "num" a decimal number without leading zeros, "str" any text without
@@ -72,9 +72,23 @@ class Backend:
     power_on_args: Callable[[RegisteredVM], tuple[Arg, ...]]
     # Seconds a slow power-on may take on top of the fence budget.
     power_on_timeout: float
+    # Proxmox: after `off` (kill confirmed, or already off), the operation that asks the VM's HA
+    # stack to keep it stopped (argument: the VMID), and its parser; None for the other kinds.
+    hold_off: ShFunction | None = None
+    parse_hold_off: Callable[[str], HoldOff] | None = None
+    # Shell mode's setup when it needs more of the host's entry than the libvirt URI (Proxmox:
+    # the node name); the helper's setup stays `setup`, fixed when the program is printed.
+    host_setup: Callable[[HostConfig], str] | None = None
 
     def session_setup(self, host: HostConfig) -> str:
+        if self.host_setup is not None:
+            return self.host_setup(host)
         return self.setup(host.libvirt_uri)
+
+    def hold_off_command(self, vmid: str) -> str:
+        if self.hold_off is None:
+            raise ValueError(f"{self.kind} hosts have no HA hold-off")
+        return self.hold_off.call(vmid)
 
     @property
     def registered_command(self) -> str:

@@ -154,6 +154,9 @@ def _dispatcher(backend: Backend) -> str:
     )
     kill = _validated_call(backend.kill)
     first = backend.listings[0].function.name
+    hold = ""
+    if backend.hold_off is not None:
+        hold = f"\n    hold-off)\n      {_validated_call(backend.hold_off)};;"
     return f"""vmf_serve() {{
   vmf_verb=$1; shift
   case $vmf_verb in
@@ -162,7 +165,7 @@ def _dispatcher(backend: Backend) -> str:
     hello)
       vmf_nargs 1 $# || return
       vmf_str "$1" || return
-      printf 'vmf:helper %s %s %s\\n' "$VMF_VERSION" "$VMF_KIND" "${{LIBVIRT_DEFAULT_URI:--}}"
+      printf 'vmf:helper %s %s %s\\n' "$VMF_VERSION" "$VMF_KIND" "$VMF_IDENT"
       [ "$vmf_txt" = "$VMF_VERSION" ] && return 0
       vmf_refuse "version mismatch: the daemon expects $vmf_txt"
       return 1;;
@@ -179,7 +182,7 @@ def _dispatcher(backend: Backend) -> str:
       echo {LISTING_MARK}
       {first};;
     on)
-      {_validated_call(backend.power_on)};;
+      {_validated_call(backend.power_on)};;{hold}
     *)
       vmf_bad="unknown request: $vmf_verb";;
   esac
@@ -195,6 +198,7 @@ def template(backend: Backend) -> str:
         backend.registered,
         backend.kill,
         backend.power_on,
+        *([] if backend.hold_off is None else [backend.hold_off]),
     ]
     head = f"""#!/bin/sh
 # vmfenced-host {VERSION_MARK} for {backend.kind} hosts: the only things vmfenced's key may do
@@ -205,6 +209,8 @@ def template(backend: Backend) -> str:
 VMF_VERSION={VERSION_MARK}
 VMF_KIND={backend.kind}
 {backend.setup(URI_MARK)}
+# Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
+VMF_IDENT=${{LIBVIRT_DEFAULT_URI:-${{VMF_PVE_NODE:--}}}}
 """
     body = "\n".join(f.body for f in functions)
     loop = _LOOP.replace("@MAX@", str(MAX_REQUEST))
@@ -223,7 +229,7 @@ def version(backend: Backend) -> str:
 @dataclass(frozen=True, slots=True)
 class HelperSpec:
     """What a helper-mode host must run: the `vmfenced-host` of this kind and version, using
-    this libvirt URI ("-" for kinds without one)."""
+    this libvirt URI, or (Proxmox) on the node of this name; "-" for the other kinds."""
 
     kind: str
     version: str
@@ -247,6 +253,12 @@ class HelperSpec:
                 f"vmfenced-host version mismatch: the host runs {version}, "
                 f"vmfenced expects {self.version}: {hint}`"
             )
+        if uri != self.libvirt_uri and self.kind == "proxmox":
+            # The helper names its node from the host's hostname, never from a request.
+            return (
+                f"the host's vmfenced-host runs on Proxmox node {uri}, this entry's node is "
+                f"{self.libvirt_uri}: set pve_node to the node's name (its hostname)"
+            )
         if uri != self.libvirt_uri:
             return (
                 f"the host's vmfenced-host uses libvirt URI {uri}, this host's libvirt_uri is "
@@ -255,9 +267,14 @@ class HelperSpec:
         return None
 
 
-def spec(backend: Backend, libvirt_uri: str) -> HelperSpec:
-    uri = libvirt_uri if "LIBVIRT_DEFAULT_URI" in backend.setup(URI_MARK) else "-"
-    return HelperSpec(backend.kind, version(backend), uri)
+def spec(backend: Backend, libvirt_uri: str, node: str | None = None) -> HelperSpec:
+    """`node`: a Proxmox host's node name (`HostConfig.node`), checked in the handshake."""
+    setup = backend.setup(URI_MARK)
+    if "LIBVIRT_DEFAULT_URI" in setup:
+        return HelperSpec(backend.kind, version(backend), libvirt_uri)
+    if "VMF_PVE_NODE" in setup and node is not None:
+        return HelperSpec(backend.kind, version(backend), node)
+    return HelperSpec(backend.kind, version(backend), "-")
 
 
 def encode(params: tuple[str, ...], args: tuple[Arg, ...]) -> str:

@@ -34,6 +34,8 @@ from vmfenced.clients.client import (
     JsonObject,
     vm_name_problem,
 )
+from vmfenced.clients.ctl_proxmox import render_missing_nodes
+from vmfenced.clients.ctl_vsphere import fence_paths, render_warnings
 from vmfenced.clients.process import exit_with
 from vmfenced.clients.records import JournalInfo
 from vmfenced.wire import MAX_HISTORY
@@ -218,11 +220,16 @@ def render_status(result: JsonObject, now: float) -> str:
             for h in status.hosts
         ],
     )
-    vms = table(
-        ("VM", "ALIAS", "HOST", "STATE", "CARTEL"),
-        [(v.name, v.alias, v.host, v.state, v.cartel) for v in status.vms],
-    )
-    text = head + hosts + "\n" + vms
+    rows: list[tuple[object, ...]] = [
+        (v.name, v.alias, v.host, v.state, v.cartel) for v in status.vms
+    ]
+    header: tuple[str, ...] = ("VM", "ALIAS", "HOST", "STATE", "CARTEL")
+    paths = fence_paths(status.hosts, status.vms)
+    if paths is not None:
+        header += ("FENCE PATH",)
+        rows = [(*row, path) for row, path in zip(rows, paths, strict=True)]
+    text = head + hosts + render_warnings(status.hosts) + "\n" + table(header, rows)
+    text += render_missing_nodes(status.missing_nodes)
     if any(v.state == "unconfirmable" for v in status.vms):
         text += (
             "\nunconfirmable: the VM's host does not answer, so no fence of it can be "
@@ -269,6 +276,8 @@ def render_fence(result: JsonObject) -> str:
         parts.append(f"in {f.elapsed_ms:.1f} ms")
     if f.joined:
         parts.append("[joined a fence already in flight]")
+    if f.ha is not None:
+        parts.append(f"HA: {_clean(f.ha)}")
     text = " ".join(parts) + "\n"
     if f.warning:
         text += f"warning: {_clean(f.warning)}\n"

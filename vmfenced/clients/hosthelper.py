@@ -21,7 +21,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-KINDS = ("esxi", "esx-classic", "libvirt")
+KINDS = ("esxi", "esx-classic", "libvirt", "proxmox")
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 URI_MARK = "@VMFENCED_LIBVIRT_URI@"
 # As config.py's libvirt_uri: a scheme, "://", no whitespace.

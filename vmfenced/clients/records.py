@@ -65,6 +65,8 @@ class HostInfo(Record):
         "listing_problem",
         "mode",
         "helper_version",
+        "path",
+        "warnings",
     )
 
     def __init__(
@@ -85,6 +87,8 @@ class HostInfo(Record):
         listing_problem: str | None = None,
         mode: str | None = None,
         helper_version: str | None = None,
+        path: str | None = None,
+        warnings: tuple[str, ...] = (),
     ) -> None:
         self.name: Final = name
         self.address: Final = address
@@ -105,6 +109,10 @@ class HostInfo(Record):
         # version the host answered at its fence lane's connection.
         self.mode: Final = mode
         self.helper_version: Final = helper_version
+        # vSphere: the way a fence of a VM on this host goes now ("ssh:HOST" or "api:ENTRY"),
+        # and the session's warnings (TLS not verified); None/() for the SSH-only kinds.
+        self.path: Final = path
+        self.warnings: Final = warnings
 
 
 class VmInfo(Record):
@@ -145,8 +153,18 @@ class JournalInfo(Record):
         self.dropped: Final = dropped  # records lost to a full backlog since the daemon started
 
 
+class MissingNode(Record):
+    """A Proxmox node that owns VMs (`vms`: their VMIDs) but is not in the configuration."""
+
+    __slots__ = _fields = ("node", "vms")
+
+    def __init__(self, node: str, vms: tuple[str, ...]) -> None:
+        self.node: Final = node
+        self.vms: Final = vms
+
+
 class StatusResult(Record):
-    __slots__ = _fields = ("daemon", "hosts", "vms", "journal")
+    __slots__ = _fields = ("daemon", "hosts", "vms", "journal", "missing_nodes")
 
     def __init__(
         self,
@@ -154,11 +172,13 @@ class StatusResult(Record):
         hosts: tuple[HostInfo, ...],
         vms: tuple[VmInfo, ...],
         journal: JournalInfo | None = None,  # None from daemons older than the backlog
+        missing_nodes: tuple[MissingNode, ...] = (),  # () from daemons before Proxmox
     ) -> None:
         self.daemon: Final = daemon
         self.hosts: Final = hosts
         self.vms: Final = vms
         self.journal: Final = journal
+        self.missing_nodes: Final = missing_nodes
 
 
 class VmState(Record):
@@ -182,6 +202,7 @@ class FenceResult(Record):
         "joined",
         "warning",
         "journal_warning",
+        "ha",
     )
 
     def __init__(
@@ -196,6 +217,7 @@ class FenceResult(Record):
         joined: bool,
         warning: str | None = None,
         journal_warning: str | None = None,
+        ha: str | None = None,
     ) -> None:
         self.vm: Final = vm
         self.action: Final = action
@@ -207,6 +229,8 @@ class FenceResult(Record):
         self.warning: Final = warning
         # The fence succeeded but its journal record is not on disk (yet): never a failure.
         self.journal_warning: Final = journal_warning
+        # Proxmox: the HA stack's answer after `off` (docs/proxmox.md); None for other kinds.
+        self.ha: Final = ha
 
 
 class ReloadResult(Record):

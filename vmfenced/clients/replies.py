@@ -15,6 +15,7 @@ from vmfenced.clients.records import (
     HistoryResult,
     HostInfo,
     JournalInfo,
+    MissingNode,
     ReloadResult,
     StatusResult,
     VmInfo,
@@ -70,6 +71,16 @@ def _lane_address(host: JsonObject, lane: str) -> str | None:
         return None
     addresses: JsonObject = _get(host, "connected_address", dict, "status host")
     return _opt_str(addresses, lane, "status host connected_address")
+
+
+def _strings(obj: JsonObject, key: str, where: str) -> tuple[str, ...]:
+    """An optional list of strings (absent from older daemons and other kinds)."""
+    items = obj.get(key)
+    if items is None:
+        return ()
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ProtocolViolation(f"{where}: {key!r} is {items!r}, expected a list of strings")
+    return tuple(items)
 
 
 def _objects(obj: JsonObject, key: str, where: str) -> list[JsonObject]:
@@ -129,6 +140,8 @@ def parse_status(result: JsonObject) -> StatusResult:
             listing_problem=_opt_str(h, "listing_problem", "status host"),
             mode=_opt_str(h, "mode", "status host"),
             helper_version=_opt_str(h, "helper_version", "status host"),
+            path=_opt_str(h, "path", "status host"),
+            warnings=_strings(h, "warnings", "status host"),
         )
         for h in _objects(result, "hosts", "status")
     )
@@ -141,7 +154,21 @@ def parse_status(result: JsonObject) -> StatusResult:
         hosts=hosts,
         vms=tuple(_vm(v, "status vm") for v in _objects(result, "vms", "status")),
         journal=_journal(result, "journal", "status"),
+        missing_nodes=_missing_nodes(result),
     )
+
+
+def _missing_nodes(result: JsonObject) -> tuple[MissingNode, ...]:
+    """Proxmox nodes missing from the config; absent from daemons before Proxmox."""
+    if result.get("missing_nodes") is None:
+        return ()
+    out = []
+    for obj in _objects(result, "missing_nodes", "status"):
+        vms = _get(obj, "vms", list, "status missing node")
+        if not all(isinstance(v, str) for v in vms):
+            raise ProtocolViolation(f"status missing node: 'vms' is {vms!r:.200}, expected strings")
+        out.append(MissingNode(_str(obj, "node", "status missing node"), tuple(vms)))
+    return tuple(out)
 
 
 def parse_list(result: JsonObject) -> tuple[VmInfo, ...]:
@@ -232,4 +259,5 @@ def parse_fence(result: JsonObject) -> FenceResult:
         joined=joined,
         warning=_opt_str(result, "warning", "fence"),
         journal_warning=_opt_str(result, "journal_warning", "fence"),
+        ha=_opt_str(result, "ha", "fence"),
     )

@@ -137,6 +137,8 @@ class Api:
         }
         if result.warning:
             out["warning"] = result.warning
+        if result.ha is not None:
+            out["ha"] = result.ha
         if journal_warning:
             # The fence happened: a record the disk refused is said, never a failure.
             out["journal_warning"] = journal_warning
@@ -158,7 +160,23 @@ class Api:
             },
             "hosts": hosts,
             "vms": self._vms(),
+            "missing_nodes": self._missing_nodes(),
         }
+
+    def _nodes(self) -> dict[str, str]:
+        """Proxmox node -> the configured host that is that node."""
+        return {h.config.node: n for n, h in self._hosts.items() if h.config.node is not None}
+
+    def _missing_nodes(self) -> list[dict[str, Any]]:
+        """Proxmox nodes that own VMs but are not configured: those VMs may run there unseen,
+        so no fence of them can succeed (docs/proxmox.md)."""
+        nodes = self._nodes()
+        owned: dict[str, set[str]] = {}
+        for inv in self._map.hosts.values():
+            for reg in inv.registered or ():
+                if reg.owner is not None and reg.owner not in nodes:
+                    owned.setdefault(reg.owner, set()).add(reg.vmid)
+        return [{"node": n, "vms": sorted(v, key=int)} for n, v in sorted(owned.items())]
 
     def _vms(self) -> list[dict[str, Any]]:
         """The map, not a live answer (that is vm_status). A VM whose latest listing placed it
@@ -185,17 +203,26 @@ class Api:
                         "config_file": vm.config_file,
                     }
                 )
+        nodes = self._nodes()
+        # Every Proxmox node lists the whole cluster's VMs: each is shown once, at its owner.
+        shown: set[tuple[str, str]] = set()
         for host_name, inv in self._map.hosts.items():
             up = _up(self._hosts.get(host_name))
             for reg in inv.registered or ():
                 if reg.name in running:
                     continue
+                where, off = host_name, up and everyone
+                if reg.owner is not None:
+                    if (reg.owner, reg.vmid) in shown:
+                        continue
+                    shown.add((reg.owner, reg.vmid))
+                    where, off = nodes.get(reg.owner, reg.owner), everyone and reg.owner in nodes
                 out.append(
                     {
                         "name": reg.name,
                         "alias": alias_of(reg.name, aliases),
-                        "host": host_name,
-                        "state": "off" if up and everyone else "unknown",
+                        "host": where,
+                        "state": "off" if off else "unknown",
                         "cartel": None,
                         "world": None,
                         "uuid": None,
@@ -248,6 +275,7 @@ class _Entry:
             host=result.host,
             cartel=result.cartel,
             reason=result.warning,
+            ha=result.ha,
             joined=joined,
             elapsed_ms=result.elapsed_ms,
         )

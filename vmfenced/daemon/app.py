@@ -195,6 +195,7 @@ class Daemon:
         for host in built:
             self.hostset.activate(host)
         self.hostset.start_all(built)
+        self.hostset.start_vsphere(self.config)
         # Records a full disk refused land once it has room, even when no fence comes.
         self._spawn(self.journal.keep_retrying(), "journal-retry")
         self._start_watchdog()

@@ -74,12 +74,12 @@ class Evidence:
         views = {}
         for name, host in self._hosts.items():
             inv = self._map.hosts.get(name)
-            latest = None if inv is None else tuple(v for v in inv.running if v.name == vm)
+            latest = None if inv is None else tuple(v for v in inv.running if v.answers_to(vm))
             if host.listing_problem is not None:
                 # Its latest listing attempt could not be read: what it ran before that is no
                 # belief to kill on (it runs on meanwhile).
                 latest = None
-            views[name] = HostView(name, latest=latest)
+            views[name] = HostView(name, latest=latest, node=host.config.node)
         return views
 
     def _listing(self, name: str) -> Coalesced[tuple[RunningVM, ...]]:
@@ -108,12 +108,14 @@ class Evidence:
         if self._hosts.get(host.name) is host:
             self._map.update_running(host.name, listing, at)
         self.seen.update(v.name for v in listing)
+        self.seen.update(v.vmid for v in listing if v.vmid is not None)
 
     async def _list_registered(self, host: Host) -> tuple[RegisteredVM, ...]:
         registered = await host.list_registered(self._timeout(), urgent=True)
         if self._hosts.get(host.name) is host:
             self._map.update_registered(host.name, registered)
         self.seen.update(r.name for r in registered)
+        self.seen.update(r.vmid for r in registered if r.owner is not None)
         return registered
 
     async def list(
@@ -133,7 +135,7 @@ class Evidence:
             elif isinstance(answer, str):
                 views[name] = replace(views[name], fresh=None, problem=answer)
             else:
-                mine = tuple(v for v in answer if v.name == vm)
+                mine = tuple(v for v in answer if v.answers_to(vm))
                 views[name] = replace(views[name], fresh=mine, problem=None)
 
     async def registrations(
@@ -147,7 +149,7 @@ class Evidence:
             elif isinstance(answer, str):
                 views[name] = replace(views[name], registered=None, reg_problem=answer)
             else:
-                mine = tuple(r for r in answer if r.name == vm)
+                mine = tuple(r for r in answer if r.answers_to(vm))
                 views[name] = replace(views[name], registered=mine, reg_problem=None)
 
 

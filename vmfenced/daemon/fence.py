@@ -19,11 +19,16 @@ from vmfenced.daemon import verdict
 from vmfenced.daemon.evidence import Evidence
 from vmfenced.daemon.host import Host
 from vmfenced.daemon.verdict import Decision, HostView, KillReport, Step
-from vmfenced.errors import FenceFailed, LinkError, UnknownVM
-from vmfenced.model import KillOutcome, Located, RegisteredVM, VMMap, resolve
+from vmfenced.errors import FenceFailed, LinkError, ParseError, UnknownVM
+from vmfenced.model import HoldOff, KillOutcome, Located, RegisteredVM, VMMap, resolve
 
 # A VM that moves between our listing and our kill (migration, HA restart) is chased this often.
 SEARCH_ROUNDS = 3
+# The HA stack's answer after an `off` (Proxmox), on top of the fence: the host bounds the
+# command itself a little below this (backends.proxmox_ha.HA_TIMEOUT).
+HOLD_OFF_TIMEOUT = 10.0
+# What the HA stack answered that leaves the VM free to start again: a warning on the success.
+_HOLD_DOUBTS = ("stop-refused", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,9 @@ class FenceResult:
     cartel: int | None
     elapsed_ms: float
     warning: str | None = None
+    # Proxmox: what the HA stack answered when asked to keep the VM stopped after `off`
+    # (not-managed, stop-accepted, stop-refused, unknown); None for the other kinds.
+    ha: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,14 +158,45 @@ class Fencer:
         }[action]
         return await run(vm, start)
 
-    async def _bounded_off(self, vm: str, start: float) -> FenceResult:
+    async def _bounded_off(self, vm: str, start: float, *, hold: bool = True) -> FenceResult:
+        """`hold`: then ask the VM's HA stack to keep it stopped (not for a reboot's off)."""
         try:
             async with asyncio.timeout(self.fence_timeout):
-                return await self._off(vm, start)
+                result, where = await self._off(vm, start)
         except TimeoutError:
             raise FenceFailed(
                 vm, f"off not confirmed within fence_timeout ({self.fence_timeout:g} s)"
             ) from None
+        if hold and where is not None:
+            result = await self._hold_off(vm, result, *where)
+        return result
+
+    async def _hold_off(self, vm: str, result: FenceResult, name: str, vmid: str) -> FenceResult:
+        """Off is confirmed: the HA stack (Proxmox) would start the VM again, so ask it not to.
+        Only after the kill (its commands need a quorate cluster, the kill must not wait for
+        them), bounded; its answer is reported, and never turns the success into a failure."""
+        host = self.hosts.get(name)
+        backend = None if host is None else host.backend
+        if host is None or backend is None or backend.hold_off is None:
+            return result
+        assert backend.parse_hold_off is not None
+        try:
+            hold = backend.parse_hold_off(await host.hold_off(vmid, HOLD_OFF_TIMEOUT))
+        except (LinkError, ParseError) as exc:
+            hold = HoldOff("unknown", exc.reason)
+        warning = result.warning
+        if hold.outcome in _HOLD_DOUBTS:
+            warning = (
+                f"off confirmed, but the HA stack may start {vm!r} (VMID {vmid}) again: "
+                f"{hold.outcome}: {hold.detail or 'no detail'}; run `ha-manager crm-command "
+                f"stop vm:{vmid} 0` once the cluster is quorate"
+            )
+            self._log.warning(
+                "HA hold-off", vm=vm, host=name, outcome=hold.outcome, detail=hold.detail
+            )
+        else:
+            self._log.info("HA hold-off", vm=vm, host=name, outcome=hold.outcome)
+        return replace(result, ha=hold.outcome, warning=warning)
 
     async def vm_status(self, name: str) -> VMState:
         """Live: ON from a fresh listing, OFF only on the evidence `off` would need."""
@@ -199,7 +238,8 @@ class Fencer:
 
     # -- off -----------------------------------------------------------------------------------
 
-    async def _off(self, vm: str, start: float) -> FenceResult:
+    async def _off(self, vm: str, start: float) -> tuple[FenceResult, tuple[str, str] | None]:
+        """The result, and where to ask a Proxmox VM's HA stack to keep it off (host, VMID)."""
         off = _Off(start, time.monotonic(), self._evidence.views(vm))
         kill: KillReport | None = None
         rounds = 0
@@ -207,11 +247,18 @@ class Fencer:
             decision = verdict.decide_off(vm, list(off.views.values()), kill, known=self._known(vm))
             match decision.step:
                 case Step.KILLED:
-                    assert decision.target is not None
-                    self._refresh(decision.target.host)
-                    return self._done(vm, "off", "killed", decision.target, start)
+                    target = decision.target
+                    assert target is not None
+                    self._refresh(target.host)
+                    where = None if target.vm.vmid is None else (target.host, target.vm.vmid)
+                    return self._done(vm, "off", "killed", target, start), where
                 case Step.ALREADY_OFF:
-                    return self._done(vm, "off", "already_off", None, start)
+                    reg = decision.registration
+                    # Off, but an HA stack that still wants it started would start it.
+                    where = (
+                        None if reg is None or reg.owner is None else (decision.hosts[0], reg.vmid)
+                    )
+                    return self._done(vm, "off", "already_off", None, start), where
                 case Step.KILL:
                     assert decision.target is not None
                     kill = await self._kill(vm, off, decision.target)
@@ -250,10 +297,11 @@ class Fencer:
         killed_at = time.monotonic()
         off.since_of[target.host] = killed_at
         if after is None:
-            views[target.host] = HostView(target.host, latest=views[target.host].latest)
+            old = views[target.host]
+            views[target.host] = HostView(target.host, latest=old.latest, node=old.node)
         else:
             self._evidence.record(host, after, time.time())
-            mine = tuple(v for v in after if v.name == vm)
+            mine = tuple(v for v in after if v.answers_to(vm))
             views[target.host] = replace(views[target.host], fresh=mine, problem=None)
         if outcome is KillOutcome.KILLED:
             self._map.drop_running(target.host, vm)
@@ -318,7 +366,8 @@ class Fencer:
         return self._done(vm, "on", "powered_on", Located(name, running[0]), start)
 
     async def _reboot(self, vm: str, start: float) -> FenceResult:
-        off = await self._bounded_off(vm, start)
+        # No HA hold-off: the on half starts the VM again (through the HA stack if it has one).
+        off = await self._bounded_off(vm, start, hold=False)
         try:
             on = await self._on(vm, start)
         except FenceFailed as exc:

@@ -49,7 +49,7 @@ class Host:
         self.mode = ssh.mode
         helper = None
         if ssh.mode == "helper":
-            helper = host_helper.spec(backend, config.libvirt_uri)
+            helper = host_helper.spec(backend, config.libvirt_uri, config.node)
 
         def listener(lane: Lane) -> None:
             on_change(self, lane)
@@ -175,6 +175,13 @@ class Host:
         result = await self.inventory.run(command, self.backend.power_on_timeout)
         if result.status != 0:
             raise LinkError(self.name, "inventory", f"power-on failed: {_tail(result)}")
+
+    async def hold_off(self, vmid: str, timeout: float) -> str:
+        """The HA hold-off's answer (Proxmox), over the fence lane: the kill is confirmed."""
+        if self.backend.hold_off is None:
+            raise LinkError(self.name, "fence", f"{self.backend.kind} hosts have no HA hold-off")
+        command = self._command(self.backend.hold_off, (vmid,), "hold-off")
+        return str((await self.fence.run(command, timeout)).output)
 
     def _command(self, function: ShFunction, args: tuple[Arg, ...], verb: str) -> str:
         """Shell text for a shell lane, or the same operation as a helper request."""

@@ -8,9 +8,10 @@ inventory loop, so adding, replacing or removing one host never disturbs another
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -20,6 +21,8 @@ from vmfenced.daemon.host import Host, HostListener
 from vmfenced.daemon.inventory import InventoryService
 from vmfenced.daemon.knownhosts import KnownHosts
 from vmfenced.daemon.reload_plan import ReloadPlan
+from vmfenced.daemon.vsphere import VSphereSession, read_password
+from vmfenced.daemon.vsphere_host import HybridHost, VSphereEntry, wire
 from vmfenced.model import VMMap
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
@@ -50,6 +53,11 @@ class HostSet:
         self._tasks: dict[Host, list[asyncio.Task[None]]] = {}
         self._inventories: dict[str, InventoryService] = {}
         self._known_hosts = KnownHosts()
+        # kind = "vsphere": one session per entry; its hosts (ApiHost) join `hosts` as the
+        # session's map shows them (docs/vsphere.md, "Plugging in").
+        self._entries: dict[str, VSphereEntry] = {}
+        self._api_names: dict[str, set[str]] = {}
+        self._api_tasks: dict[VSphereEntry, asyncio.Task[None]] = {}
 
     # -- building and running ------------------------------------------------------------------
 
@@ -59,6 +67,8 @@ class HostSet:
         built = []
         for name in names:
             host = config.host(name)
+            if host.kind == "vsphere":
+                continue  # start_vsphere
             ssh = config.ssh_for(host)
             built.append(
                 Host(
@@ -94,6 +104,90 @@ class HostSet:
                 host.fence.wait_settled(settle), host.inventory.wait_settled(settle)
             )
 
+    def start_vsphere(self, config: Config) -> None:
+        """A session per vsphere entry, supervised like a lane (it logs in again by itself)."""
+        for host in config.hosts:
+            if host.kind == "vsphere" and host.name not in self._entries:
+                self._entries[host.name] = self._session(config, host.name)
+
+    def _session(self, config: Config, name: str) -> VSphereEntry:
+        """A started session for that entry; it serves once it is in `_entries`."""
+        host = config.host(name)
+        password_file = host.password_file
+        assert password_file is not None  # the config requires it
+        session = VSphereSession(
+            host,
+            lambda: read_password(password_file),
+            on_change=self._vsphere_changed,
+            call_timeout=config.daemon.fence_timeout,
+        )
+        entry = VSphereEntry(session)
+        self._api_tasks[entry] = self._spawn(session.supervise(), f"{name}-vsphere")
+        return entry
+
+    async def _close_entry(self, entry: VSphereEntry) -> None:
+        await entry.session.close()
+        task = self._api_tasks.pop(entry, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _take_out(self, name: str) -> VSphereEntry | None:
+        """Its hosts out of `hosts` (a HybridHost back to its SSH host): no await."""
+        entry = self._entries.pop(name, None)
+        live: dict[str, object] = dict(self.hosts)
+        for host_name in self._api_names.pop(name, set()):
+            current = live.get(host_name)
+            if isinstance(current, HybridHost):
+                self.hosts[host_name] = current.ssh
+            else:
+                self.hosts.pop(host_name, None)
+                self._map.forget(host_name)
+        return entry
+
+    def _vsphere_changed(self, session: VSphereSession) -> None:
+        """The session's map changed: its hosts in `hosts` and their VMs in the map, in one
+        synchronous step. A vCenter host an SSH entry maps (vsphere_name) is one HybridHost
+        under the SSH entry's name: the verdict sees one machine once."""
+        entry = self._entries.get(session.name)
+        inventory = session.inventory
+        if entry is None or entry.session is not session or inventory is None:
+            return
+        # `hosts` holds HybridHosts and ApiHosts as Hosts (cast below): look at them as they are.
+        live: dict[str, object] = dict(self.hosts)
+        mapped = {
+            ssh.config.vsphere_name: ssh
+            for ssh in map(_ssh, live.values())
+            if isinstance(ssh, Host) and ssh.config.vsphere_name is not None
+        }
+        wanted = wire(entry, mapped)
+        for name in self._api_names.get(entry.name, set()) - set(wanted):
+            current = live.get(name)
+            if isinstance(current, HybridHost):
+                self.hosts[name] = current.ssh  # vCenter no longer shows it: SSH only
+            else:
+                self.hosts.pop(name, None)
+                self._map.forget(name)
+        for name, host in wanted.items():
+            current = live.get(name)
+            if isinstance(host, HybridHost):
+                if not (
+                    isinstance(current, HybridHost)
+                    and current.ssh is host.ssh
+                    and current.api.moref == host.api.moref
+                ):
+                    self.hosts[name] = cast(Host, host)
+            elif current is None:
+                # An ApiHost answers every call the fencer, the API and the metrics make of
+                # a Host (vmfenced.daemon.vsphere_host).
+                self.hosts[name] = cast(Host, host)
+        self._api_names[entry.name] = set(wanted)
+        entry.feed(self._map, inventory, time.time(), skip=set(mapped))
+
+    def _rewire(self) -> None:
+        for entry in self._entries.values():
+            self._vsphere_changed(entry.session)
+
     def activate(self, host: Host) -> None:
         """Make it the host of its name, with a fresh inventory loop."""
         self.hosts[host.name] = host
@@ -105,7 +199,8 @@ class HostSet:
         self._tasks.setdefault(host, []).append(self._spawn(coro, name))
 
     def is_active(self, host: Host) -> bool:
-        return self.hosts.get(host.name) is host
+        current = self.hosts.get(host.name)
+        return current is not None and _ssh(current) is host
 
     def request(self, name: str, *, full: bool = True) -> None:
         """Refresh that host's inventory soon; a name no longer configured is ignored."""
@@ -124,6 +219,9 @@ class HostSet:
         complete = True
         for inventory in list(self._inventories.values()):
             complete &= await inventory.first_round(max(0.0, deadline - loop.time()))
+        for entry in list(self._entries.values()):
+            # A vsphere entry's hosts exist once its first map arrived.
+            complete &= await entry.session.wait_mapped(max(0.0, deadline - loop.time()))
         return complete
 
     def set_interval(self, seconds: float) -> None:
@@ -147,6 +245,9 @@ class HostSet:
     async def close(self) -> None:
         hosts = list(self._tasks)
         await asyncio.gather(*(self.retire(h) for h in hosts), return_exceptions=True)
+        await asyncio.gather(
+            *(self._close_entry(e) for e in list(self._api_tasks)), return_exceptions=True
+        )
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -163,7 +264,16 @@ class HostSet:
         config = plan.config
         fresh = self.build(config, plan.keys, [*plan.added, *plan.replaced])
         self.start_all(fresh)
+        # New sessions log in while the old ones serve (a failed login still goes in: it
+        # logs in again by itself, like a lane).
+        sessions = {
+            name: self._session(config, name)
+            for name in (*plan.added, *plan.replaced)
+            if config.host(name).kind == "vsphere"
+        }
         try:
+            for entry in sessions.values():
+                await entry.session.wait_mapped(entry.session.call_timeout * 2 + 1)
             if fresh:
                 waves = -(-len(fresh) // STARTUP_HOSTS_AT_ONCE)
                 settle = (max(h.fence.ssh.connect_timeout for h in fresh) * 2 + 1) * waves
@@ -173,14 +283,22 @@ class HostSet:
             await drained()
         except BaseException:
             await asyncio.gather(*(self.retire(h) for h in fresh), return_exceptions=True)
+            await asyncio.gather(*map(self._close_entry, sessions.values()), return_exceptions=True)
             raise
         # From here to the return: no await, so nothing runs between the old and new set.
-        out = [self.hosts[name] for name in (*plan.replaced, *plan.removed)]
+        leaving = [*plan.replaced, *plan.removed]
+        for entry in filter(None, map(self._take_out, [n for n in leaving if n in self._entries])):
+            self._spawn(self._close_entry(entry), f"{entry.name}-vsphere-close")
+        self._entries.update(sessions)
+        ssh_leaving = [n for n in leaving if n in self.hosts]
+        out = [_ssh(self.hosts[name]) for name in ssh_leaving]
         for host in out:
             self._tasks[host] = self._stop(host)
-        for name in plan.removed:
-            del self.hosts[name]
-            self._inventories.pop(name, None)
+        for name in ssh_leaving:
+            # Removed, or an SSH host whose entry is a vsphere entry now (no host of its name).
+            if name in plan.removed or config.host(name).kind == "vsphere":
+                del self.hosts[name]
+                self._inventories.pop(name, None)
         # A replaced host may be another machine now: what the old one listed (its vmids
         # above all) must never serve the new one. Its map fills again from its new links.
         for name in (*plan.removed, *plan.replaced):
@@ -188,4 +306,12 @@ class HostSet:
         self.set_interval(config.daemon.inventory_interval)
         for host in fresh:
             self.activate(host)
+        # A new or replaced SSH host may be one vCenter manages (vsphere_name); a new session
+        # puts its hosts in.
+        self._rewire()
         return out
+
+
+def _ssh(host: object) -> Host:
+    """The SSH host itself, also when vCenter manages it (a HybridHost wraps it)."""
+    return host.ssh if isinstance(host, HybridHost) else cast(Host, host)

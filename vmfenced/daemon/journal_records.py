@@ -41,6 +41,7 @@ class FenceEntry:
     joined: bool = False
     elapsed_ms: float | None = None  # the fence itself, as the fencer timed it
     total_ms: float | None = None  # request received -> record written
+    ha: str | None = None  # Proxmox: the HA stack's answer after `off` (docs/proxmox.md)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class FenceEntry:
             "joined": self.joined,
             "elapsed_ms": self.elapsed_ms,
             "total_ms": self.total_ms,
+            "ha": self.ha,
             "daemon_pid": os.getpid(),
         }
 

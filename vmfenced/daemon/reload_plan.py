@@ -23,6 +23,8 @@ FIXED = ("socket", "state_directory")
 def load_keys(config: Config) -> dict[Path, asyncssh.SSHKey]:
     keys: dict[Path, asyncssh.SSHKey] = {}
     for host in config.hosts:
+        if host.kind == "vsphere":
+            continue  # a password file, no SSH key
         for path in config.ssh_for(host).client_keys:
             if path in keys:
                 continue
@@ -131,4 +133,8 @@ def _identity(host: HostConfig) -> dict[str, object]:
 
 def _key_material(config: Config, host: str, keys: dict[Path, asyncssh.SSHKey]) -> list[bytes]:
     # A key file rewritten in place (same path, new key) must reach the host's next login.
+    if config.host(host).kind == "vsphere":
+        # Its password file's path is in the entry; the session reads the file at every
+        # login, so a new password in the same file needs no new session.
+        return []
     return [keys[path].public_data for path in config.ssh_for(config.host(host)).client_keys]

@@ -19,6 +19,12 @@ docs/safety.md's table, in code:
   listing that shows the VM.
 - `on` powers on only when every configured host answered and none runs the VM, and exactly
   one host registers it, in a registration listing taken for this request.
+- Proxmox VE: any node's registration listing holds the whole cluster's VMs and names each
+  one's owner node (the same registration comes from every node that answered: it counts
+  once). "Already off", OFF and `on` need that owner among the configured hosts (its fresh
+  listing is then one of the listings above); a VM owned by a node missing from the config may
+  run there unseen, so they fail naming that node. A name that several VMIDs share is no one
+  VM: they fail too. Power-on runs on the owner.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class HostView:
     latest: tuple[RunningVM, ...] | None = None
     registered: tuple[RegisteredVM, ...] | None = None
     reg_problem: str | None = None
+    # Proxmox VE: the cluster node this host is (None for the other kinds).
+    node: str | None = None
 
     @property
     def asked(self) -> bool:
@@ -111,9 +119,16 @@ def _fail(reason: str, host: str | None = None, *, unknown: bool = False) -> Dec
 
 def _where(found: Iterable[Located]) -> str:
     return "; ".join(
-        f"{loc.host}: {loc.vm.config_file or loc.vm.name} (cartel/PID {loc.vm.cartel})"
-        for loc in found
+        f"{loc.host}: {loc.vm.config_file or loc.vm.name} ({_handle(loc.vm)})" for loc in found
     )
+
+
+def _handle(vm: RunningVM) -> str:
+    # An instance found through a vSphere API has no process (cartel 0): its instance UUID
+    # tells it apart.
+    if vm.cartel == 0 and vm.uuid:
+        return f"instance UUID {vm.uuid}"
+    return f"cartel/PID {vm.cartel}"
 
 
 def _problems(views: Sequence[HostView]) -> str:
@@ -171,6 +186,11 @@ def _absent_everywhere(views: Sequence[HostView], vm: str, known: bool) -> Decis
         )
     unasked = tuple(v.host for v in views if not v.reg_asked)
     if any(v.registered for v in views):
+        owned = _owner(vm, views)
+        if isinstance(owned, Decision):
+            return owned
+        if owned is not None:
+            return Decision(Step.ALREADY_OFF, hosts=(owned[0],), registration=owned[1])
         return Decision(Step.ALREADY_OFF, hosts=tuple(v.host for v in views if v.registered))
     if unasked:
         return Decision(Step.REGISTRATIONS, hosts=unasked)
@@ -183,6 +203,32 @@ def _absent_everywhere(views: Sequence[HostView], vm: str, known: bool) -> Decis
     if failed:
         reason += "; registration listing failed on " + "; ".join(failed)
     return _fail(reason, unknown=not known and not failed)
+
+
+def _owner(vm: str, views: Sequence[HostView]) -> tuple[str, RegisteredVM] | Decision | None:
+    """Proxmox: the configured host that owns the VM and its registration; FAIL when the owner
+    is not configured or the name belongs to several VMs (or to registrations of other kinds
+    as well); None when no registration is a Proxmox one."""
+    regs = [r for v in views for r in v.registered or ()]
+    owned = {(r.owner, r.vmid): r for r in regs if r.owner is not None}
+    if not owned:
+        return None
+    where = "; ".join(
+        sorted({f"{r.owner or 'not Proxmox'}: {r.config_file or r.vmid}" for r in regs})
+    )
+    if len({r.vmid for r in owned.values()}) > 1 or any(r.owner is None for r in regs):
+        return _fail(f"{vm!r} names more than one VM ({where}): alias the node to its VMID")
+    if len(owned) > 1 or len(owned) != len({r for r in regs if r.owner is not None}):
+        # One VMID, told differently by nodes read at different moments: it is moving.
+        return _fail(f"{vm!r} changed while the nodes were read ({where}): try again")
+    (node, _vmid), reg = next(iter(owned.items()))
+    hosts = [v.host for v in views if v.node == node]
+    if not hosts:
+        return _fail(
+            f"{vm!r} (VMID {reg.vmid}) belongs to Proxmox node {node}, which is not in the "
+            f"configuration: it may run there unseen; add {node} as a host, or {_ADVICE}"
+        )
+    return hosts[0], reg
 
 
 def decide_off(
@@ -288,6 +334,11 @@ def decide_on(vm: str, views: Sequence[HostView], *, known: bool = True) -> Deci
     unasked = tuple(v.host for v in views if not v.reg_asked)
     if unasked:
         return Decision(Step.REGISTRATIONS, hosts=unasked)
+    owned = _owner(vm, views)
+    if isinstance(owned, Decision):
+        return owned
+    if owned is not None:
+        return Decision(Step.POWER_ON, hosts=(owned[0],), registration=owned[1])
     registered = [(v.host, reg) for v in views for reg in v.registered or ()]
     if len(registered) > 1:
         where = "; ".join(f"{h}: {r.config_file or r.vmid}" for h, r in registered)

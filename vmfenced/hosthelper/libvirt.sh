@@ -1,12 +1,14 @@
 #!/bin/sh
-# vmfenced-host 1-9a3955de8ae4fce4 for libvirt hosts: the only things vmfenced's key may do
+# vmfenced-host 1-069655b4e3cdf156 for libvirt hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind libvirt`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-9a3955de8ae4fce4
+VMF_VERSION=1-069655b4e3cdf156
 VMF_KIND=libvirt
 LIBVIRT_DEFAULT_URI=@VMFENCED_LIBVIRT_URI@; export LIBVIRT_DEFAULT_URI; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
+# Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
+VMF_IDENT=${LIBVIRT_DEFAULT_URI:-${VMF_PVE_NODE:--}}
 vmf_from=${SSH_CONNECTION%% *}
 [ -n "$vmf_from" ] || vmf_from=${SSH_CLIENT%% *}
 [ -n "$vmf_from" ] || vmf_from=local
@@ -398,7 +400,7 @@ vmf_serve() {
     hello)
       vmf_nargs 1 $# || return
       vmf_str "$1" || return
-      printf 'vmf:helper %s %s %s\n' "$VMF_VERSION" "$VMF_KIND" "${LIBVIRT_DEFAULT_URI:--}"
+      printf 'vmf:helper %s %s %s\n' "$VMF_VERSION" "$VMF_KIND" "$VMF_IDENT"
       [ "$vmf_txt" = "$VMF_VERSION" ] && return 0
       vmf_refuse "version mismatch: the daemon expects $vmf_txt"
       return 1;;
