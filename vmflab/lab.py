@@ -331,6 +331,7 @@ class Lab(Started):
             self.workdir / "hosts",
             build_c(KVM_SOURCE, self._cache_dir),
             self.client_key.with_name(self.client_key.name + ".pub"),
+            self.helper_public_key,
         )
         self.pve.start()
 

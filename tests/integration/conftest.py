@@ -80,13 +80,14 @@ def fence_pve_unavailable() -> str | None:
 
 
 @pytest.fixture
-def pve_lab(tmp_path: Path) -> Iterator[Lab]:
+def pve_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """Three lab Proxmox VE nodes (pve1, pve2, pve3) sharing one /etc/pve, their HA stand-in
     on half-second rounds (Proxmox: 10 s); every process is killed afterwards."""
     skip_without_lab()
     with Lab(
         tmp_path / "lab", host_names=(), proxmox_hosts=("pve1", "pve2", "pve3"), pve_ha_round=0.5
     ) as started:
+        started.mode = lab_mode
         yield started
 
 
