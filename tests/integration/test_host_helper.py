@@ -155,3 +155,45 @@ def test_on_a_linux_host_sshd_itself_binds_the_key_to_the_helper(kvm_lab: Lab) -
     assert result.stdout.count(":vmf-end:") == 1
     logged = [line for line in syslog_lines(kvm.files.syslog) if "refused" in line]
     assert len(logged) == 2 and all(f"from {CLIENT}:" in line for line in logged), logged
+
+
+def test_a_proxmox_helper_names_its_own_node_and_takes_only_vmids(pve_lab: Lab) -> None:
+    """The Proxmox helper (one program at one path on every node) answers the node it runs on,
+    from the host's hostname: an entry whose node name differs is down, saying why. The HA
+    hold-off takes a VMID and nothing else."""
+    assert pve_lab.pve is not None
+    pve1, pve2 = pve_lab.pve.nodes["pve1"], pve_lab.pve.nodes["pve2"]
+    settings = SshSettings("root", pve_lab.helper_key, pve_lab.known_hosts)
+
+    def run(command: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ssh_argv(settings, pve1.address, pve1.port, command),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    result = run("id")
+    assert (result.returncode, result.stdout) == (1, "vmf:refused command not allowed: id\n")
+    version = helper.version(BACKENDS["proxmox"])
+    for bad in ("0100", "=100", "1000000000", "100 101"):
+        result = run(
+            "vmfenced-host", f"{TOKEN} hello ={version}\n{TOKEN} hold-off {bad}\n{TOKEN} ping\n"
+        )
+        assert result.returncode == 2, result
+        assert result.stdout.startswith(f"vmf:helper {version} proxmox pve1\n"), result
+        assert result.stdout.count(":vmf-end:") == 2 and "\nvmf:refused " in result.stdout
+    logged = [line for line in syslog_lines(pve1.files.syslog) if "refused" in line]
+    assert len(logged) == 5 and all(f"from {CLIENT}:" in line for line in logged), logged
+    # An entry that calls pve2 "pve9": the helper there says it is pve2.
+    pve_lab.mode = "helper"
+    extra = (
+        f'[[hosts]]\nname = "pve9"\naddress = "{pve2.address}"\nport = {pve2.port}\n'
+        'kind = "proxmox"\nusername = "root"\n'
+    )
+    with LabDaemon(pve_lab, hosts=["pve1"], extra=extra) as daemon:
+        assert wait_for(lambda: "Proxmox node pve2" in str(host_reason(daemon, "pve9")))
+        assert wait_for(lambda: daemon.host_state("pve1") == "up", timeout=15)
+        assert "set pve_node" in str(host_reason(daemon, "pve9"))

@@ -279,3 +279,37 @@ def test_an_esxi_kill_names_a_vmx_or_nothing_is_killed(shell: list[str], tmp_pat
     code, out, _ = serve(shell, "esxi", f"{TOKEN} kill =hostd 1 3\n", tmp_path)
     assert code == 0
     assert out == f"not a .vmx path: hostd\nvmf:error\n\n:vmf-end:{TOKEN}:0\n"
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+def test_the_proxmox_helper_names_its_node_and_holds_off_by_vmid(
+    shell: list[str], tmp_path: Path
+) -> None:
+    """The node is the host's hostname (never a request's word), and `hold-off` takes a VMID:
+    a number, no leading zero, at most 9 digits; anything else ends the session."""
+    version = helper.version(BACKENDS["proxmox"])
+    node = os.uname().nodename.split(".")[0]
+    code, out, logged = serve(
+        shell,
+        "proxmox",
+        f"{TOKEN} hello ={version}\n{TOKEN} hold-off 100 101\n{TOKEN} ping\n",
+        tmp_path,
+        VMF_PVE_NODE="chosen-by-the-client",
+    )
+    assert code == 2
+    assert out.startswith(f"vmf:helper {version} proxmox {node}\n\n:vmf-end:{TOKEN}:0\n")
+    assert "vmf:refused hold-off takes 1 arguments, not 2\n" in out
+    assert len(logged) == 1
+    for bad in ("0100", "=100", "1234567890", "-1"):
+        code, out, logged = serve(shell, "proxmox", f"{TOKEN} hold-off {bad}\n", tmp_path)
+        assert code == 2 and out.startswith("vmf:refused "), (bad, out)
+
+
+def test_a_proxmox_entry_is_checked_against_the_helpers_node() -> None:
+    backend = BACKENDS["proxmox"]
+    spec = helper.spec(backend, "qemu:///system", "pve2")
+    version = helper.version(backend)
+    assert spec.refusal(f"vmf:helper {version} proxmox pve2\n") is None
+    assert "runs on Proxmox node pve1, this entry's node is pve2" in str(
+        spec.refusal(f"vmf:helper {version} proxmox pve1\n")
+    )
