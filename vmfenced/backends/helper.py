@@ -190,6 +190,17 @@ def _dispatcher(backend: Backend) -> str:
 """
 
 
+def _ident(backend: Backend) -> str:
+    """The variable the setup of this kind sets, never one a client's environment could
+    bring to a kind whose setup does not set it."""
+    setup = backend.setup(URI_MARK)
+    if "LIBVIRT_DEFAULT_URI" in setup:
+        return '"$LIBVIRT_DEFAULT_URI"'
+    if "VMF_PVE_NODE" in setup:
+        return '"${VMF_PVE_NODE:--}"'
+    return "-"
+
+
 @cache
 def template(backend: Backend) -> str:
     """The helper of a kind, its libvirt URI still the placeholder `URI_MARK`."""
@@ -210,7 +221,7 @@ VMF_VERSION={VERSION_MARK}
 VMF_KIND={backend.kind}
 {backend.setup(URI_MARK)}
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
-VMF_IDENT=${{LIBVIRT_DEFAULT_URI:-${{VMF_PVE_NODE:--}}}}
+VMF_IDENT={_ident(backend)}
 """
     body = "\n".join(f.body for f in functions)
     loop = _LOOP.replace("@MAX@", str(MAX_REQUEST))

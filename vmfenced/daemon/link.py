@@ -227,8 +227,8 @@ class Lane:
             await self._handshake(self.helper)
 
     async def _handshake(self, helper: HelperSpec) -> None:
-        """`hello`: the host must run the helper of this kind, version and libvirt URI; any
-        other answer is the lane's `down` reason."""
+        """`hello`: the host must run the helper of this kind, version and libvirt URI (or
+        Proxmox node); any other answer is the lane's `down` reason."""
         try:
             output, _status = await self._exchange(
                 request("hello", None, (helper.version,)), self.ssh.connect_timeout

@@ -1,14 +1,14 @@
 #!/bin/sh
-# vmfenced-host 1-4985610973f7fd93 for esx-classic hosts: the only things vmfenced's key may do
+# vmfenced-host 1-6e8577f2935e1a42 for esx-classic hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind esx-classic`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-4985610973f7fd93
+VMF_VERSION=1-6e8577f2935e1a42
 VMF_KIND=esx-classic
 LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/bin:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
-VMF_IDENT=${LIBVIRT_DEFAULT_URI:-${VMF_PVE_NODE:--}}
+VMF_IDENT=-
 vmf_from=${SSH_CONNECTION%% *}
 [ -n "$vmf_from" ] || vmf_from=${SSH_CLIENT%% *}
 [ -n "$vmf_from" ] || vmf_from=local

@@ -1,14 +1,14 @@
 #!/bin/sh
-# vmfenced-host 1-069655b4e3cdf156 for libvirt hosts: the only things vmfenced's key may do
+# vmfenced-host 1-a7fe6c47acb2bf14 for libvirt hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind libvirt`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-069655b4e3cdf156
+VMF_VERSION=1-a7fe6c47acb2bf14
 VMF_KIND=libvirt
 LIBVIRT_DEFAULT_URI=@VMFENCED_LIBVIRT_URI@; export LIBVIRT_DEFAULT_URI; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
-VMF_IDENT=${LIBVIRT_DEFAULT_URI:-${VMF_PVE_NODE:--}}
+VMF_IDENT="$LIBVIRT_DEFAULT_URI"
 vmf_from=${SSH_CONNECTION%% *}
 [ -n "$vmf_from" ] || vmf_from=${SSH_CLIENT%% *}
 [ -n "$vmf_from" ] || vmf_from=local

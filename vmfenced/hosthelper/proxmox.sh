@@ -1,14 +1,14 @@
 #!/bin/sh
-# vmfenced-host 1-942666b91faa432f for proxmox hosts: the only things vmfenced's key may do
+# vmfenced-host 1-fef2e2ca61d684e6 for proxmox hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind proxmox`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-942666b91faa432f
+VMF_VERSION=1-fef2e2ca61d684e6
 VMF_KIND=proxmox
 VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; export VMF_PVE_NODE; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
-VMF_IDENT=${LIBVIRT_DEFAULT_URI:-${VMF_PVE_NODE:--}}
+VMF_IDENT="${VMF_PVE_NODE:--}"
 vmf_from=${SSH_CONNECTION%% *}
 [ -n "$vmf_from" ] || vmf_from=${SSH_CLIENT%% *}
 [ -n "$vmf_from" ] || vmf_from=local
