@@ -186,7 +186,10 @@ def _address_column(h: HostInfo) -> str:
 
 
 def _mode(h: HostInfo) -> str:
-    """`shell`, or `helper` with the version the host answered (`?` until it has)."""
+    """`shell`, or `helper` with the version the host answered (`?` until it has); `api` for
+    a vSphere API entry, which has no SSH mode."""
+    if h.kind == "vsphere" and h.mode is None:
+        return "api"
     if h.mode != "helper":
         return h.mode or "shell"
     return f"helper {h.helper_version or '?'}"
