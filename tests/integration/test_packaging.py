@@ -76,6 +76,7 @@ def test_wheel_and_sdist_contents(dist: Path) -> None:
         "vmfenced/hosthelper/esxi.sh",
         "vmfenced/hosthelper/esx-classic.sh",
         "vmfenced/hosthelper/libvirt.sh",
+        "vmfenced/hosthelper/proxmox.sh",
     } <= names
     # The lab (namespaces, shims, a C program) is in the copied tree but never on a cluster node.
     assert not [n for n in names if n.startswith(("tests/", "vmflab/", "bench/"))], names
