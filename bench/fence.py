@@ -2,7 +2,8 @@
 
 Compares, on the same lab hosts and the same kind of VM:
 - the daemon-side fence (socket request to confirmed death, as the daemon reports it, and as a
-  client measures it around the socket round trip);
+  client measures it around the socket round trip), in shell mode and in helper mode
+  (vmfenced-host, docs/host-helper.md): two daemons on the same hosts, their fences alternated;
 - `fence_vmfenced` as a new process (what Pacemaker runs), against `python3 -c pass` measured
   in the same run: the floor any Python agent pays;
 - a cold SSH login that runs the kill, what every existing agent does on every call (OpenSSH
@@ -28,6 +29,7 @@ from vmflab.daemon import LabDaemon
 from vmflab.stats import percentile
 
 HOSTS = ("esx1", "esx2", "esx3")
+SIDE = "fence off, daemon-side (request to confirmed death)"
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -53,25 +55,46 @@ def main() -> int:
     n = 3 if args.quick else args.n
     daemon_n = 3 if args.quick else args.daemon_n
     rows: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="vmf-bench-") as tmp, Lab(Path(tmp), HOSTS) as lab:
+    # The lab's shell-mode sessions run dash (its /bin/sh); the helper runs under the same shell
+    # here, so that the comparison measures the modes, not two shells (on a real ESXi host both
+    # modes run busybox ash; on the lab busybox ash alone costs the helper ~0.35 ms a fence).
+    with (
+        tempfile.TemporaryDirectory(prefix="vmf-bench-") as tmp,
+        Lab(Path(tmp), HOSTS, esxi_helper_ash=False) as lab,
+    ):
         # Every VM exists before the daemon starts, so each fence takes the mapped path.
-        counts = {"daemon": daemon_n, "agent": n, "coldssh": n}
+        counts = {"daemon": daemon_n, "helper": daemon_n, "agent": n, "coldssh": n}
         names = {m: [f"{m}-{i}" for i in range(c)] for m, c in counts.items()}
         for vms in names.values():
             for i, vm in enumerate(vms):
                 lab.hosts[HOSTS[i % len(HOSTS)]].start_vm(vm)
-        with LabDaemon(lab) as daemon:
+        lab.mode = "helper"
+        helper_daemon = LabDaemon(lab)
+        lab.mode = "shell"
+        with LabDaemon(lab) as daemon, helper_daemon:
             sock = str(daemon.socket)
-            inside, around = [], []
-            for vm in names["daemon"]:
-                start = time.perf_counter()
-                reply = daemon.request({"op": "fence", "vm": vm})
-                around.append((time.perf_counter() - start) * 1000)
-                if not reply["ok"]:
-                    raise RuntimeError(f"{vm}: {reply['error']}")
-                inside.append(reply["result"]["elapsed_ms"])
-            rows["daemon: fence off, daemon-side (socket request to confirmed death)"] = inside
-            rows["daemon: fence off, client round trip over the socket"] = around
+            times: dict[str, tuple[list[float], list[float]]] = {
+                "shell": ([], []),
+                "helper": ([], []),
+            }
+            # Alternated, so drift in the machine's load falls on both modes alike, and which
+            # goes first alternates too: the first fence's aftermath (the killed VM's teardown,
+            # its daemon's listing refresh) overlaps the second's.
+            pairs = enumerate(zip(names["daemon"], names["helper"], strict=True))
+            for i, (shell_vm, helper_vm) in pairs:
+                order = [("shell", daemon, shell_vm), ("helper", helper_daemon, helper_vm)]
+                for mode, target, vm in order if i % 2 == 0 else order[::-1]:
+                    start = time.perf_counter()
+                    reply = target.request({"op": "fence", "vm": vm})
+                    times[mode][1].append((time.perf_counter() - start) * 1000)
+                    if not reply["ok"]:
+                        raise RuntimeError(f"{vm} ({mode} mode): {reply['error']}")
+                    times[mode][0].append(reply["result"]["elapsed_ms"])
+            for mode, (inside, around) in times.items():
+                rows[
+                    f"daemon, {mode} mode: fence off, daemon-side (request to confirmed death)"
+                ] = inside
+                rows[f"daemon, {mode} mode: fence off, client round trip over the socket"] = around
 
             # As installed for Pacemaker (python3 -m vmfenced.clients.agent_install): no site, -IS.
             agent = [str(install(Path(tmp) / "fence_vmfenced"))]
@@ -107,6 +130,9 @@ def main() -> int:
                 cold.append(timed(partial(host.ssh, f"kill -9 {pid}")))
             rows["cold SSH login + kill -9 (OpenSSH client, what existing agents do)"] = cold
     report(rows)
+    shell = statistics.median(rows[f"daemon, shell mode: {SIDE}"])
+    helper = statistics.median(rows[f"daemon, helper mode: {SIDE}"])
+    print(f"\nhelper mode / shell mode, daemon-side p50: {helper / shell:.3f}")
     return 0
 
 

@@ -21,6 +21,7 @@ DEFAULT_STATE_DIRECTORY = Path("/var/lib/vmfenced")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 Seconds = Annotated[float, Field(gt=0, le=86400)]
+Mode = Literal["shell", "helper"]
 
 
 class _Frozen(BaseModel):
@@ -115,6 +116,9 @@ class SSHConfig(_Frozen):
     # Local address the SSH connections bind to, so fencing traffic leaves through the
     # signalling network's interface; None lets the kernel choose.
     source_address: str | None = None
+    # "shell": the key opens a shell and vmfenced sends its scripts; "helper": the key is bound
+    # to `vmfenced-host` (docs/host-helper.md), which runs only vmfenced's own operations.
+    mode: Mode = "shell"
 
     @field_validator("source_address")
     @classmethod
@@ -140,6 +144,8 @@ _SSH_ONLY = (
     "keepalive_interval",
     "keepalive_count_max",
     "vsphere_name",
+    # A vsphere entry speaks the API, not SSH: it has no helper to bind a key to.
+    "mode",
 )
 _VSPHERE_ONLY = ("password_file", "tls_ca_file", "tls_thumbprint", "tls_verify", "datacenter")
 VSPHERE_PORT = 443
@@ -169,6 +175,7 @@ class HostConfig(_Frozen):
     keepalive_interval: Seconds | None = None
     keepalive_count_max: Annotated[int, Field(ge=1, le=100)] | None = None
     source_address: str | None = None
+    mode: Mode | None = None
     # kind = "vsphere" (a vCenter or a standalone ESXi host's API; docs/vsphere.md): a root-only
     # file holding the password (never in the TOML, never logged), and how its TLS certificate
     # is trusted: the system's CAs, tls_ca_file, or a pinned SHA-256 thumbprint.

@@ -58,6 +58,9 @@ def render_config(
         "connect_timeout": 3,
         "keepalive_interval": 1,
         "keepalive_count_max": 3,
+        **(
+            {"mode": "helper", "client_keys": [str(lab.helper_key)]} if lab.mode == "helper" else {}
+        ),
         **(ssh or {}),
     }
     lines = ["[daemon]"]

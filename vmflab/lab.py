@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vmflab import helper
 from vmflab.classic import EsxClassicHost
 from vmflab.control import LabError
 from vmflab.host import LabHost
@@ -23,7 +24,7 @@ from vmflab.libvirt_files import LibvirtFiles
 from vmflab.lifecycle import Started
 from vmflab.proxmox import KVM_SOURCE, ProxmoxCluster, ProxmoxHost
 from vmflab.sshd import SshSettings
-from vmflab.vmfs import HostFiles
+from vmflab.vmfs import NS_LAB, HostFiles
 
 USERNAME = "vmflab"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -130,6 +131,7 @@ class Lab(Started):
         accel: str = "auto",
         classic_hosts: Sequence[str] = (),
         dual_homed: Sequence[str] = (),
+        esxi_helper_ash: bool = True,
         proxmox_hosts: Sequence[str] = (),
         pve_ha_round: float = 10.0,
     ) -> None:
@@ -154,6 +156,11 @@ class Lab(Started):
         self.workdir = Path(workdir).resolve()
         self.username = USERNAME
         self.client_key = self.workdir / "client_ed25519"
+        # Bound to vmfenced-host on every host (vmflab.helper): what helper-mode daemons use.
+        self.helper_key = self.workdir / "helper_ed25519"
+        # How lab daemons (vmflab.daemon) reach the hosts: "shell" with the lab key, "helper"
+        # with the helper key.
+        self.mode = "shell"
         self.known_hosts = self.workdir / "known_hosts"
         self.hosts: dict[str, LabHost] = {}
         self.libvirt: dict[str, LibvirtHost] = {}
@@ -165,6 +172,7 @@ class Lab(Started):
         self._pve_ha_round = pve_ha_round
         self.pve: ProxmoxCluster | None = None
         self._accel = accel
+        self._esxi_helper_ash = esxi_helper_ash
         self._cache_dir = cache_dir or default_cache_dir()
         self._vmx: Path | None = None
         self._worlds: Path | None = None
@@ -188,6 +196,7 @@ class Lab(Started):
             self._keygen([host.files for host in hosts], client=True)
             for host in hosts:
                 host.prepare_kind()
+                self._install_helper(host)
             for host in hosts:
                 self.hosts[host.name] = host
                 host.launch()
@@ -217,19 +226,20 @@ class Lab(Started):
     def _keygen(self, files: list[HostFiles], *, client: bool) -> None:
         procs = [f.host_keygen() for f in files]
         if client:
-            for path in (self.client_key, self.client_key.with_name(self.client_key.name + ".pub")):
-                path.unlink(missing_ok=True)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmflab-client"),
-                        *("-f", str(self.client_key)),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
+            for key in (self.client_key, self.helper_key):
+                for path in (key, key.with_name(key.name + ".pub")):
+                    path.unlink(missing_ok=True)
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key.stem),
+                            *("-f", str(key)),
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                    )
                 )
-            )
         failures = []
         for proc in procs:
             _, err = proc.communicate(timeout=30)
@@ -244,6 +254,23 @@ class Lab(Started):
                 shims=SHIMS_DIR,
                 client_public_key=self.client_key.with_name(self.client_key.name + ".pub"),
             )
+
+    @property
+    def helper_public_key(self) -> Path:
+        return self.helper_key.with_name(self.helper_key.name + ".pub")
+
+    def _install_helper(self, host: LabHost) -> None:
+        files = host.files
+        helper.install(
+            kind=host.kind,
+            bin_dir=files.bin,
+            ns_bin=f"{NS_LAB}/bin",
+            authorized_keys=files.authorized_keys,
+            helper_public_key=self.helper_public_key,
+            busybox_ash=self._esxi_helper_ash and host.kind == "esxi",
+        )
+        # vmflab-session runs the helper for this key, as sshd would for its command=.
+        (files.lab / "helper_key").write_text(helper.key_blob(self.helper_public_key) + "\n")
 
     def _require_vmx(self) -> Path:
         if self._vmx is None:
@@ -267,6 +294,14 @@ class Lab(Started):
         address = self._new_address()
         files = LibvirtFiles(self.workdir / "hosts" / name)
         files.prepare(self.client_key.with_name(self.client_key.name + ".pub"))
+        helper.install(
+            kind="libvirt",
+            bin_dir=files.bin,
+            ns_bin=str(files.bin),
+            authorized_keys=files.authorized_keys,
+            helper_public_key=self.helper_public_key,
+            busybox_ash=False,
+        )
         host = LibvirtHost(
             name=name,
             address=address,
@@ -296,6 +331,7 @@ class Lab(Started):
             self.workdir / "hosts",
             build_c(KVM_SOURCE, self._cache_dir),
             self.client_key.with_name(self.client_key.name + ".pub"),
+            self.helper_public_key,
         )
         self.pve.start()
 
@@ -346,6 +382,7 @@ class Lab(Started):
         host = self._new_host(name)
         self._keygen([host.files], client=False)
         host.prepare_kind()
+        self._install_helper(host)
         self.hosts[name] = host
         host.launch()
         host.wait_ready()

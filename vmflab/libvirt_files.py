@@ -82,9 +82,12 @@ class LibvirtFiles(SshdFiles):
         self.bashrc = root / "bashrc"
         self.domains = root / "domains"
         self.authorized_keys = root / "authorized_keys"
+        # vmfenced-host and the lab's logger stand-in (vmflab.helper), first on root's PATH.
+        self.bin = root / "bin"
+        self.syslog = root / "syslog"
 
     def prepare(self, client_public_key: Path) -> None:
-        for directory in (self.root, self.lib, self.log_dir, self.cache, self.domains):
+        for directory in (self.root, self.lib, self.log_dir, self.cache, self.domains, self.bin):
             directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         (self.cache / "qemu").mkdir(mode=0o755, exist_ok=True)  # mount point of the shared cache
         if not self.etc.exists():
@@ -103,7 +106,12 @@ class LibvirtFiles(SshdFiles):
     def sshd_options(self) -> list[str]:
         # Root logs in with the lab key only: virsh on qemu:///system and kill -9 of qemu need it,
         # as on a real KVM host.
-        return [f"AuthorizedKeysFile {self.authorized_keys}", "AllowUsers root"]
+        return [
+            f"AuthorizedKeysFile {self.authorized_keys}",
+            "AllowUsers root",
+            f"SetEnv PATH={self.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            f" VMFLAB_SYSLOG={self.syslog}",
+        ]
 
     def write_domain(self, name: str, *, kvm: bool, uuid: str | None = None) -> Path:
         """The domain's XML, in a file named by its UUID (a name may hold any character)."""

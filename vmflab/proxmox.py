@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, Unpack
 
+from vmflab import helper
 from vmflab.control import LabError
 from vmflab.pid1.proxmox import ProxmoxInit
 from vmflab.proxmox_files import ProxmoxFiles, PveDirs
@@ -106,14 +107,31 @@ class ProxmoxCluster:
         self._new_address = new_address
         self._pick_port = pick_port
 
-    def build(self, hosts_dir: Path, kvm_binary: Path, client_public_key: Path) -> None:
-        """Files and host objects of every node (nothing runs yet)."""
+    def build(
+        self,
+        hosts_dir: Path,
+        kvm_binary: Path,
+        client_public_key: Path,
+        helper_public_key: Path | None = None,
+    ) -> None:
+        """Files and host objects of every node (nothing runs yet). With `helper_public_key`,
+        `vmfenced-host` at /usr/bin on every node (the cluster's shared overlay, as one path
+        serves a real cluster whose authorized_keys is shared) and that key bound to it."""
         Path("/etc/pve").mkdir(mode=0o755, exist_ok=True)  # the mount point in every node
         self.dirs.prepare(kvm_binary)
         self.tree.create(self._names)
         for name in self._names:
             files = ProxmoxFiles(hosts_dir / name)
             files.prepare(client_public_key)
+            if helper_public_key is not None:
+                helper.install(
+                    kind="proxmox",
+                    bin_dir=self.dirs.bin,
+                    ns_bin="/usr/bin",
+                    authorized_keys=files.authorized_keys,
+                    helper_public_key=helper_public_key,
+                    busybox_ash=False,
+                )
             address = self._new_address()
             self.nodes[name] = ProxmoxHost(
                 name=name,

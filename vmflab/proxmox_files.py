@@ -82,6 +82,8 @@ class ProxmoxFiles(SshdFiles):
         self.members = root / "members"
         self.bashrc = root / "bashrc"
         self.authorized_keys = root / "authorized_keys"
+        # Where the lab's logger stand-in (vmflab.helper) writes the helper's refusals.
+        self.syslog = root / "syslog"
 
     def prepare(self, client_public_key: Path) -> None:
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -100,4 +102,8 @@ class ProxmoxFiles(SshdFiles):
 
     def sshd_options(self) -> list[str]:
         # Root logs in with the lab key only, as on a Proxmox node (qm needs root).
-        return [f"AuthorizedKeysFile {self.authorized_keys}", "AllowUsers root"]
+        return [
+            f"AuthorizedKeysFile {self.authorized_keys}",
+            "AllowUsers root",
+            f"SetEnv VMFLAB_SYSLOG={self.syslog}",
+        ]

@@ -179,7 +179,9 @@ class HostFiles(SshdFiles):
         return [
             f"AuthorizedKeysFile {NS_LAB}/authorized_keys",
             "MaxSessions 1",  # hardened ESXi: one session channel per connection
-            f"SetEnv PATH={SHIM_PATH}",
+            f"SetEnv PATH={SHIM_PATH} VMFLAB_SYSLOG={NS_LAB}/run/syslog",
+            # vmflab-session reads which key logged in (the helper key runs vmfenced-host).
+            "ExposeAuthInfo yes",
             # Runs the client's command unchanged; see the script for what it adds.
             f"ForceCommand {NS_LAB}/bin/vmflab-session",
         ]

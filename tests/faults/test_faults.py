@@ -19,13 +19,14 @@ from tests.faults.conftest import (
     fence_when_up,
     fence_where_it_moved,
 )
-from tests.integration.conftest import fence, fence_failure
+from tests.integration.conftest import MODES, fence, fence_failure
 from tests.waiting import wait_until
 from vmflab import Lab, LabHost
 from vmflab.daemon import LabDaemon
 from vmflab.procs import outer_pid, stopped
 
-pytestmark = pytest.mark.faults
+# Every scenario in both modes: through a shell and through vmfenced-host.
+pytestmark = [pytest.mark.faults, pytest.mark.parametrize("lab_mode", MODES)]
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from tests.faults.conftest import Ledger, check_hung_host, fence_where_it_moved
+from tests.integration.conftest import MODES
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
-pytestmark = pytest.mark.faults
+# Every scenario in both modes: through a shell and through vmfenced-host.
+pytestmark = [pytest.mark.faults, pytest.mark.parametrize("lab_mode", MODES)]
 
 
 def test_libvirt_vm_migrated_between_inventory_and_fence(kvm_lab: Lab, ledger: Ledger) -> None:

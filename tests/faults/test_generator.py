@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import report_row
-from tests.integration.conftest import lab_unavailable, libvirt_unavailable
+from tests.integration.conftest import MODES, lab_unavailable, libvirt_unavailable
 from vmflab import Lab
 from vmflab.chaos import Chaos, Settings
 from vmflab.chaos_report import render
 from vmflab.oracle import Tally
 
-pytestmark = pytest.mark.faults
+# Every scenario in both modes: through a shell and through vmfenced-host.
+pytestmark = [pytest.mark.faults, pytest.mark.parametrize("lab_mode", MODES)]
 
 SEED = 20261127
 OPS = 100
@@ -52,11 +53,12 @@ def test_generated_schedule_esxi(lab: Lab) -> None:
     lab.add_host("esx4")
     chaos = Chaos(lab, ["esx1", "esx2", "esx3"], Settings(SEED, OPS, MAX_SECONDS))
     tally = chaos.run()
-    verdict(tally, chaos, "generated_schedule_esxi", f"pytest {__file__} (ESXi)")
+    scenario = f"generated_schedule_esxi[{lab.mode}]"
+    verdict(tally, chaos, scenario, f"pytest {__file__} (ESXi, {lab.mode} mode)")
 
 
 @pytest.fixture
-def kvm3_lab(tmp_path: Path) -> Iterator[Lab]:
+def kvm3_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """Three libvirt hosts with real qemu VMs and one ESXi host, killed afterwards by PID."""
     reason = lab_unavailable() or libvirt_unavailable()
     if reason:
@@ -64,6 +66,7 @@ def kvm3_lab(tmp_path: Path) -> Iterator[Lab]:
             pytest.fail(reason)
         pytest.skip(reason)
     with Lab(tmp_path / "lab", ("esx1",), libvirt_hosts=("kvm1", "kvm2", "kvm3")) as started:
+        started.mode = lab_mode
         yield started
 
 
@@ -72,4 +75,5 @@ def test_generated_schedule_libvirt(kvm3_lab: Lab) -> None:
     configured = ["esx1", "kvm1", "kvm2"]
     chaos = Chaos(kvm3_lab, configured, Settings(SEED, OPS // 2, MAX_SECONDS))
     tally = chaos.run()
-    verdict(tally, chaos, "generated_schedule_libvirt", f"pytest {__file__} (libvirt)")
+    scenario = f"generated_schedule_libvirt[{kvm3_lab.mode}]"
+    verdict(tally, chaos, scenario, f"pytest {__file__} (libvirt, {kvm3_lab.mode} mode)")

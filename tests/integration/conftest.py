@@ -51,12 +51,24 @@ def skip_without_lab() -> None:
     skip_without(lab_unavailable())
 
 
+# Both ways a daemon can reach its hosts; a module runs its tests in both with
+# `pytestmark = pytest.mark.parametrize("lab_mode", MODES)` (it overrides the fixture below).
+MODES = ("shell", "helper")
+
+
 @pytest.fixture
-def kvm_lab(tmp_path: Path) -> Iterator[Lab]:
+def lab_mode() -> str:
+    """How the lab's daemons reach the hosts: a shell (the default) or vmfenced-host."""
+    return "shell"
+
+
+@pytest.fixture
+def kvm_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """A started lab of two libvirt hosts with real qemu VMs (kvm1, kvm2) and one ESXi host
     (esx1); every process of it is killed afterwards, whether the test passed or not."""
     skip_without(lab_unavailable() or libvirt_unavailable())
     with Lab(tmp_path / "lab", host_names=("esx1",), libvirt_hosts=("kvm1", "kvm2")) as started:
+        started.mode = lab_mode
         yield started
 
 
@@ -68,38 +80,42 @@ def fence_pve_unavailable() -> str | None:
 
 
 @pytest.fixture
-def pve_lab(tmp_path: Path) -> Iterator[Lab]:
+def pve_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """Three lab Proxmox VE nodes (pve1, pve2, pve3) sharing one /etc/pve, their HA stand-in
     on half-second rounds (Proxmox: 10 s); every process is killed afterwards."""
     skip_without_lab()
     with Lab(
         tmp_path / "lab", host_names=(), proxmox_hosts=("pve1", "pve2", "pve3"), pve_ha_round=0.5
     ) as started:
+        started.mode = lab_mode
         yield started
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """A started 3-host lab (esx1, esx2, esx3); every process of it is killed afterwards,
     whether the test passed or not."""
     skip_without_lab()
     with Lab(tmp_path / "lab") as started:
+        started.mode = lab_mode
         yield started
 
 
 @pytest.fixture
-def esx_lab(tmp_path: Path) -> Iterator[Lab]:
+def esx_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """Two ESXi lab hosts (esx1, esx2); every process is killed afterwards."""
     skip_without_lab()
     with Lab(tmp_path / "lab", host_names=("esx1", "esx2")) as started:
+        started.mode = lab_mode
         yield started
 
 
 @pytest.fixture
-def classic_lab(tmp_path: Path) -> Iterator[Lab]:
+def classic_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """One esx-classic lab host (esx3a); every process is killed afterwards."""
     skip_without_lab()
     with Lab(tmp_path / "lab", host_names=(), classic_hosts=("esx3a",)) as started:
+        started.mode = lab_mode
         yield started
 
 

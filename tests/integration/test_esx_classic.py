@@ -10,25 +10,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import fenced, lab_unavailable
+from tests.integration.conftest import MODES, fenced, lab_unavailable
 from vmfenced.backends import esx_classic as ec
 from vmfenced.config import HostConfig
 from vmfenced.model import RunningVM
 from vmflab import EsxClassicHost, Lab
 from vmflab.daemon import LabDaemon
 
-pytestmark = pytest.mark.integration
+# Every test in both modes: through a shell and through vmfenced-host.
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("lab_mode", MODES)]
 
 ALIASES = {"gfs1": "node1", "gfs2": "node2"}
 
 
 @pytest.fixture
-def classic_lab(tmp_path: Path) -> Iterator[Lab]:
+def classic_lab(tmp_path: Path, lab_mode: str) -> Iterator[Lab]:
     """Two started esx-classic hosts (esx3a, esx3b); every process is killed afterwards."""
     reason = lab_unavailable()
     if reason:
         pytest.skip(reason)
     with Lab(tmp_path / "lab", host_names=(), classic_hosts=("esx3a", "esx3b")) as started:
+        started.mode = lab_mode
         yield started
 
 

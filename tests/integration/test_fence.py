@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import (
+    MODES,
     check_dead_host_fails,
     check_host_back,
     check_on_then_reboot,
@@ -27,7 +28,8 @@ from tests.waiting import wait_for
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 
-pytestmark = pytest.mark.integration
+# Every test in both modes: through a shell and through vmfenced-host.
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("lab_mode", MODES)]
 
 ALIASES = {"node1": "gfs-node1", "node2": "gfs-node2", "node3": "gfs-node3"}
 

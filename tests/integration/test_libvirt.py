@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.integration.conftest import (
+    MODES,
     check_dead_host_fails,
     check_host_back,
     check_on_then_reboot,
@@ -22,7 +23,8 @@ from vmfenced.model import KillOutcome, RunningVM
 from vmflab import Lab, LibvirtHost
 from vmflab.daemon import LabDaemon
 
-pytestmark = pytest.mark.integration
+# Every test in both modes: through a shell and through vmfenced-host.
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("lab_mode", MODES)]
 
 ALIASES = {"node1": "vm1", "node2": "vm2"}
 

@@ -72,6 +72,11 @@ def test_wheel_and_sdist_contents(dist: Path) -> None:
         "vmfenced/wire.py",
         # Wrappers written by earlier installs import the agent by its old name.
         "vmfenced/agent.py",
+        # What `vmfencectl host-helper` prints.
+        "vmfenced/hosthelper/esxi.sh",
+        "vmfenced/hosthelper/esx-classic.sh",
+        "vmfenced/hosthelper/libvirt.sh",
+        "vmfenced/hosthelper/proxmox.sh",
     } <= names
     # The lab (namespaces, shims, a C program) is in the copied tree but never on a cluster node.
     assert not [n for n in names if n.startswith(("tests/", "vmflab/", "bench/"))], names
@@ -100,6 +105,9 @@ def test_clients_install_alone_and_the_agent_runs_through_a_symlink(
     # No dependencies at all: the agent and vmfencectl need the standard library only.
     run(venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index", wheel)
     assert run(venv / "bin" / "vmfencectl", "--version") == f"vmfencectl {__version__}\n"
+    # The host helper is package data: printed without the daemon's dependencies.
+    helper = run(venv / "bin" / "vmfencectl", "host-helper", "--kind", "esxi")
+    assert helper == (Path(__file__).parents[2] / "vmfenced/hosthelper/esxi.sh").read_text()
     sbin = tmp_path / "sbin"
     sbin.mkdir()
     (sbin / "fence_vmfenced").symlink_to(venv / "bin" / "fence_vmfenced")

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.conftest import fence, fenced, run_client
+from tests.integration.conftest import MODES, fence, fenced, run_client
 from tests.waiting import wait_for
 from vmflab import Lab
 from vmflab.daemon import LabDaemon
 from vmflab.proxmox import ProxmoxCluster
 
-pytestmark = pytest.mark.integration
+# Shell mode and helper mode (vmfenced-host, the HA hold-off as its `hold-off` request).
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("lab_mode", MODES)]
 
 ALIASES = {"node1": "web", "node2": "db"}
 EVERY_NODE = ["pve1", "pve2", "pve3"]

@@ -30,8 +30,8 @@ from vmfenced.clients.ctl import format_age
 
 def test_status_table(daemon: FakeDaemon) -> None:
     result = status_result(
-        host("esx1"),
-        host("esx2", "down", address="2001:db8::2", since=NOW - 12),
+        host("esx1", mode="helper", helper_version="1-0123abcd"),
+        host("esx2", "down", address="2001:db8::2", since=NOW - 12, mode="helper"),
         host("esx3", "connecting", reason=None, since=NOW - 7200),
     )
     result["vms"] = [vm("gfs-node1", "node1"), vm("gfs-node2", None, "esx1", "off")]
@@ -41,10 +41,10 @@ def test_status_table(daemon: FakeDaemon) -> None:
     assert out == (
         "vmfenced 0.1.0, pid 1234, up 12s\n"
         "\n"
-        "HOST  ADDRESS           STATE       SINCE      RTT      INVENTORY  VMS  REASON\n"
-        "esx1  192.0.2.11:22     up          5m00s ago  0.31 ms  4s ago     2    -\n"
-        "esx2  [2001:db8::2]:22  down        12s ago    -        -          0    connection refused\n"
-        "esx3  192.0.2.11:22     connecting  2h00m ago  -        -          0    -\n"
+        "HOST  ADDRESS           MODE               STATE       SINCE      RTT      INVENTORY  VMS  REASON\n"
+        "esx1  192.0.2.11:22     helper 1-0123abcd  up          5m00s ago  0.31 ms  4s ago     2    -\n"
+        "esx2  [2001:db8::2]:22  helper ?           down        12s ago    -        -          0    connection refused\n"
+        "esx3  192.0.2.11:22     shell              connecting  2h00m ago  -        -          0    -\n"
         "\n"
         "VM         ALIAS  HOST  STATE  CARTEL\n"
         "gfs-node1  node1  esx1  on     68761\n"

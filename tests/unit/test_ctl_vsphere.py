@@ -38,3 +38,10 @@ def test_session_warnings_are_printed_without_control_characters() -> None:
 
 def test_no_path_column_without_a_vsphere_entry() -> None:
     assert "FENCE PATH" not in render_status(status_result(), 2.0)
+
+
+def test_a_vsphere_entry_has_no_ssh_mode() -> None:
+    """An API entry reports no mode: its MODE is `api`, never a `shell` it does not have."""
+    rows = [line.split() for line in render_status(_status(), 2.0).split("\n")]
+    modes = {row[0]: row[2] for row in rows if len(row) > 2}
+    assert modes["vc1/esx2"] == "api" and modes["esx1"] == "shell"

@@ -96,9 +96,8 @@ def test_registered_and_power_on() -> None:
     text = "/vmfs/volumes/ds1/node 1/node 1.vmx\n/vmfs/volumes/ds1/node2/node2.vmx\n"
     vms = ec.parse_registered(text)
     assert [vm.name for vm in vms] == ["node 1", "node2"]
-    assert "VMF_VMX='/vmfs/volumes/ds1/node 1/node 1.vmx'; export VMF_VMX" in ec.power_on_command(
-        vms[0]
-    )
+    assert ec.power_on_command(vms[0]).endswith("\nvmf_on '/vmfs/volumes/ds1/node 1/node 1.vmx'")
+    assert "VMF_VMX=$1; export VMF_VMX" in ec.power_on_command(vms[0])
     with pytest.raises(ParseError):
         ec.parse_registered("VMControl error -3: Insufficient permissions\n")
     assert BACKENDS["esx-classic"] is ec.BACKEND

@@ -159,8 +159,8 @@ def test_vmx_tail_survives_datastore_naming() -> None:
 def test_kill_command_quotes_the_path() -> None:
     vm = RunningVM("x", "/vmfs/volumes/ds1/it's $(rm -rf)/x.vmx", cartel=42)
     command = kill_command(vm, 1.0)
-    assert "VMF_VMX='/it'\"'\"'s $(rm -rf)/x.vmx'" in command
-    assert "vmf_c=42" in command
+    assert command.endswith("\nvmf_kill '/it'\"'\"'s $(rm -rf)/x.vmx' 42 100")
+    assert "VMF_VMX=$1; export VMF_VMX; vmf_c=$2" in command
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,8 @@ def test_vm_lines_reject_anything_doubtful(text: str) -> None:
 def test_backend_is_registered_and_power_on_uses_the_uuid() -> None:
     assert BACKENDS["libvirt"] is lv.BACKEND
     command = lv.power_on_command(RegisteredVM(UUID1, "vm1", ""))
-    assert f"virsh start --domain {UUID1}" in command
+    assert command.endswith(f"\nvmf_on {UUID1} vm1")
+    assert 'virsh start --domain "$vmf_d"' in command
 
 
 # Names libvirt writes escaped in its pid file names (libvirt 9.0, seen on the lab).

@@ -231,7 +231,7 @@ def test_registrations_refuse_what_they_cannot_read(text: str, match: str) -> No
 def test_kill_command_guards_on_the_vmid() -> None:
     vm = RunningVM("web", "", 4242, vmid="100")
     command = pve.kill_command(vm, 2.0)
-    assert "VMF_VMID=100;" in command and "vmf_p=4242;" in command
+    assert command.endswith("\nvmf_pk 100 4242 400")
     assert 'vmf_pve_vm(ENVIRON["VMF_VMID"], RUN)' in command
     assert 'RUN = "/var/run/qemu-server"' in command
     with pytest.raises(ParseError, match="no VMID"):
@@ -241,7 +241,7 @@ def test_kill_command_guards_on_the_vmid() -> None:
 def test_hold_off_command_is_a_hard_stop_through_the_crm() -> None:
     command = ha.hold_off_command("100")
     assert 'ha-manager crm-command stop "vm:$VMF_VMID" 0' in command
-    assert "timeout -k 1 8 " in command and "VMF_VMID=100;" in command
+    assert "timeout -k 1 8 " in command and command.endswith("\nvmf_hold 100")
     with pytest.raises(ParseError):
         ha.hold_off_command("100; reboot")
 
@@ -273,7 +273,7 @@ def test_parse_hold_off_refuses_anything_else(text: str) -> None:
 def test_power_on_checks_the_config_then_starts_by_vmid() -> None:
     reg = RegisteredVM("100", "it's web", "/etc/pve/nodes/pve1/qemu-server/100.conf", owner="pve1")
     command = ha.power_on_command(reg)
-    assert "VMF_VMID=100; VMF_NAME='it'\"'\"'s web';" in command
+    assert command.endswith("\nvmf_on 100 'it'\"'\"'s web'")
     assert 'qm start "$VMF_VMID"' in command
     assert 'ha-manager set "vm:$VMF_VMID" --state started' in command
     with pytest.raises(ParseError):

@@ -23,12 +23,6 @@ from vmfenced.model import HostInventory, KillOutcome, LinkState, RegisteredVM, 
 NODES = ("pve1", "pve2", "pve3")
 
 
-@dataclass
-class Answer:
-    output: str
-    status: int = 0
-
-
 class PveHost:
     """The part of Host the fencer uses, on a shared cluster: `calls` records every step."""
 
@@ -38,7 +32,7 @@ class PveHost:
         self.listing_problem: str | None = None
         self.config = HostConfig(name=name, address=name, kind="proxmox")
         self.backend = BACKENDS["proxmox"]
-        self.fence = self  # the HA hold-off runs on the fence lane
+        self.fence = self  # the lane the fencer lists and kills on
         self.state = LinkState.UP
 
     def snapshot(self, _at: float | None, vm_count: int) -> dict[str, object]:
@@ -68,11 +62,11 @@ class PveHost:
         await asyncio.sleep(0)
         return self.cluster.registered  # the whole cluster's, from any node
 
-    async def run(self, command: str, _timeout: float) -> Answer:
-        word = "hold-off" if "crm-command stop" in command else "run"
-        self.cluster.calls.append((word, self.name))
+    async def hold_off(self, vmid: str, _timeout: float) -> str:
+        assert vmid.isdigit()
+        self.cluster.calls.append(("hold-off", self.name))
         await asyncio.sleep(0)
-        return Answer(self.cluster.ha_answer)
+        return self.cluster.ha_answer
 
     async def power_on(self, reg: RegisteredVM) -> None:
         self.cluster.calls.append(("power-on " + reg.vmid, self.name))

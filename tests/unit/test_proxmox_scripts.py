@@ -277,7 +277,7 @@ def test_no_vmlist_fails(tree: Tree) -> None:
 
 
 def kill(tree: Tree, vmid: str, pid: int) -> KillOutcome:
-    command = procfs.kill_script("VMF_VMID", vmid, pid, pve.check_program(str(tree.run)), 5.0)
+    command = pve.kill_function(str(tree.run)).call(vmid, pid, procfs.kill_tries(5.0))
     _status, out = tree.sh(command)
     return parse_kill_marker(out)
 

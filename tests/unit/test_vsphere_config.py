@@ -94,6 +94,8 @@ def test_tls_verify_false_contradicts_a_pin() -> None:
         ("known_hosts", "/kh"),
         ("fallback_addresses", ["10.0.0.2"]),
         ("vsphere_name", "esx-01"),
+        # An API entry has no helper: vmfenced-host is an SSH key's program.
+        ("mode", "helper"),
     ],
 )
 def test_ssh_keys_are_refused_on_vsphere(key: str, value: object) -> None:
@@ -129,6 +131,14 @@ def test_password_file_must_be_root_only(tmp_path: Path) -> None:
 def test_missing_password_file(tmp_path: Path) -> None:
     found = check_environment(parse(config(vsphere(password_file=str(tmp_path / "none")))))
     assert any("password_file of vc1" in p and "No such file" in p for p in found)
+
+
+def test_ssh_mode_helper_leaves_a_vsphere_entry_alone() -> None:
+    """[ssh] mode is the SSH hosts' default, as [ssh] client_keys: a vsphere entry ignores it."""
+    data = config(vsphere(), {"name": "esx1", "address": "10.0.0.1"})
+    data["ssh"] = {"mode": "helper"}
+    parsed = parse(data)
+    assert parsed.ssh.mode == "helper" and parsed.hosts[0].mode is None
 
 
 def test_a_vsphere_entry_needs_no_ssh_key(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from vmfenced.backends import Backend, Listing, parse_kill_marker, procfs
+from vmfenced.backends import Arg, Backend, Listing, ShFunction, parse_kill_marker, procfs
 from vmfenced.backends.text import check_name, split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
@@ -81,9 +81,13 @@ BEGIN {
 _AWK_CHECK = procfs.check_awk(_AWK_LIB, 'vmf_is_vmx() && vmf_vmx() == ENVIRON["VMF_VMX"]')
 
 
-def session_setup(_host: HostConfig) -> str:
+def setup(_libvirt_uri: str) -> str:
     # vmware-cmd lives in /usr/bin on the service console; sbin for tools of root's PATH.
     return 'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/bin:/usr/sbin:/sbin"; export PATH'
+
+
+def session_setup(host: HostConfig) -> str:
+    return setup(host.libvirt_uri)
 
 
 def vm_name(vmx: str) -> str:
@@ -92,11 +96,17 @@ def vm_name(vmx: str) -> str:
 
 
 def proc_listing() -> str:
-    return f"""vmf_ls() {{
+    return PROC_LISTING.call()
+
+
+PROC_LISTING = ShFunction(
+    "vmf_ls",
+    (),
+    f"""vmf_ls() {{
   [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
   awk {shlex.quote(_AWK_SCAN)} /proc/[0-9]*/cmdline
-}}
-vmf_ls"""
+}}""",
+)
 
 
 def _running(what: str, pid: int, vmx: str) -> RunningVM:
@@ -185,9 +195,16 @@ def parse_registered(text: str) -> tuple[RegisteredVM, ...]:
     return tuple(vms)
 
 
-def kill_command(vm: RunningVM, budget: float) -> str:
+KILL = procfs.kill_function("VMF_VMX", _AWK_CHECK)
+
+
+def kill_args(vm: RunningVM, budget: float) -> tuple[Arg, ...]:
     """Check /proc/PID/cmdline still runs this .vmx, kill -9, wait until gone or a dead zombie."""
-    return procfs.kill_script("VMF_VMX", vm.config_file, vm.cartel, _AWK_CHECK, budget)
+    return (vm.config_file, vm.cartel, procfs.kill_tries(budget))
+
+
+def kill_command(vm: RunningVM, budget: float) -> str:
+    return KILL.call(*kill_args(vm, budget))
 
 
 # Reads `vmware-cmd -l` on stdin; exits 0 when a line is exactly ENVIRON["VMF_VMX"].
@@ -204,8 +221,18 @@ def power_on_command(vm: RegisteredVM) -> str:
     `vmf:refused ...` line and a non-zero status; a function, not `exit`: the command runs in
     the lane's long-lived shell.
     """
-    return f"""VMF_VMX={shlex.quote(vm.vmid)}; export VMF_VMX
-vmf_on() {{
+    return POWER_ON.call(*power_on_args(vm))
+
+
+def power_on_args(vm: RegisteredVM) -> tuple[Arg, ...]:
+    return (vm.vmid,)
+
+
+POWER_ON = ShFunction(
+    "vmf_on",
+    ("str",),
+    f"""vmf_on() {{
+  VMF_VMX=$1; export VMF_VMX
   if ! vmf_l=$(vmware-cmd -l 2>&1); then
     printf '%s\\n' "$vmf_l" | tail -n 3
     printf 'vmf:refused vmware-cmd -l failed: cannot check that %s is registered here\\n' "$VMF_VMX"
@@ -216,18 +243,23 @@ vmf_on() {{
     return 1
   fi
   vmware-cmd "$VMF_VMX" start
-}}
-vmf_on"""
+}}""",
+)
 
 
 BACKEND = Backend(
     kind="esx-classic",
-    session_setup=session_setup,
-    listings=(Listing(proc_listing(), parse_proc_listing), Listing(PS_LISTING, parse_ps)),
-    registered_command=REGISTERED_COMMAND,
+    setup=setup,
+    listings=(
+        Listing(PROC_LISTING, parse_proc_listing),
+        Listing(ShFunction("vmf_ps", (), f"vmf_ps() {{\n  {PS_LISTING}\n}}"), parse_ps),
+    ),
+    registered=ShFunction("vmf_registered", (), f"vmf_registered() {{\n  {REGISTERED_COMMAND}\n}}"),
     parse_registered=parse_registered,
-    kill_command=kill_command,
+    kill=KILL,
+    kill_args=kill_args,
     parse_kill=parse_kill_marker,
-    power_on_command=power_on_command,
+    power_on=POWER_ON,
+    power_on_args=power_on_args,
     power_on_timeout=60,
 )

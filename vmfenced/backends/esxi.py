@@ -10,7 +10,7 @@ import re
 import shlex
 import xml.etree.ElementTree as ET
 
-from vmfenced.backends import Backend, Listing, parse_kill_marker
+from vmfenced.backends import Arg, Backend, Listing, ShFunction, parse_kill_marker
 from vmfenced.backends.text import check_name, split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
@@ -211,8 +211,9 @@ def vmx_tail(config_file: str) -> str:
     return "/" + "/".join(parts[-2:]) if len(parts) >= 2 else config_file
 
 
-def kill_command(vm: RunningVM, budget: float) -> str:
-    """One round trip: check the cartel runs this VM's .vmx, kill -9 it, wait until it is gone.
+def _kill_function() -> ShFunction:
+    """`vmf_kill VMX_TAIL CARTEL TRIES`, one round trip: check the cartel runs this VM's .vmx,
+    kill -9 it, wait until it is gone (TRIES checks 5 ms apart).
 
     Exit statuses of vmf_chk: 0 this VM runs there, 1 nothing under that cartel, 2 that cartel
     runs something else (reused: never killed), 3 `ps -c` failed (no verdict possible).
@@ -225,40 +226,63 @@ def kill_command(vm: RunningVM, budget: float) -> str:
     signalled). The builtin spins briefly so the host's reaper can collect the corpse before
     the slower `ps -c` is asked; a zombie that ps -c no longer lists also counts as dead.
     """
-    tries = max(1, int(budget / 0.01))
-    return f"""VMF_VMX={shlex.quote(vmx_tail(vm.config_file))}; export VMF_VMX; vmf_c={vm.cartel}
-vmf_chk() {{
-  {{ ps -c 2>&1; echo "vmf:ps=$?"; }} |
-  awk -v c="$vmf_c" 'BEGIN {{ v = ENVIRON["VMF_VMX"] " "; r = 1 }}
-    NR == 1 && /CID/ {{ h = 1; next }}
-    !h {{ exit }}
-    /^vmf:ps=/ {{ s = substr($0, 8); next }}
-    $2 == c {{ if (index($0 " ", v)) {{ r = 0; exit }} r = 2 }}
-    END {{ if (!h) exit 3; if (r == 0) exit 0; if (s != "0") exit 3; exit r }}'
-}}
-vmf_chk; vmf_r=$?
-if [ "$vmf_r" -eq 0 ]; then
-  if kill -9 "$vmf_c" 2>/dev/null; then
-    vmf_s=0
-    while kill -0 "$vmf_c" 2>/dev/null; do
-      vmf_s=$((vmf_s + 1)); [ "$vmf_s" -ge 500 ] && break
+    body = r"""vmf_chk() {
+  { ps -c 2>&1; echo "vmf:ps=$?"; } |
+  awk -v c="$vmf_c" 'BEGIN { v = ENVIRON["VMF_VMX"] " "; r = 1 }
+    NR == 1 && /CID/ { h = 1; next }
+    !h { exit }
+    /^vmf:ps=/ { s = substr($0, 8); next }
+    $2 == c { if (index($0 " ", v)) { r = 0; exit } r = 2 }
+    END { if (!h) exit 3; if (r == 0) exit 0; if (s != "0") exit 3; exit r }'
+}
+vmf_kill() {
+  VMF_VMX=$1; export VMF_VMX; vmf_c=$2; vmf_tries=$3
+  # Only a VM's cartel: the text looked for in its `ps -c` rows is a /dir/name.vmx tail (a
+  # helper request could otherwise name any text, and so any cartel).
+  case $VMF_VMX in
+    /*.vmx) ;;
+    *) printf 'not a .vmx path: %s\n' "$VMF_VMX"; echo vmf:error; return 0;;
+  esac
+  vmf_chk; vmf_r=$?
+  if [ "$vmf_r" -eq 0 ]; then
+    if kill -9 "$vmf_c" 2>/dev/null; then
+      vmf_s=0
+      while kill -0 "$vmf_c" 2>/dev/null; do
+        vmf_s=$((vmf_s + 1)); [ "$vmf_s" -ge 500 ] && break
+      done
+      [ "$vmf_s" -lt 500 ] && vmf_r=1
+    fi
+    vmf_i=0
+    while [ "$vmf_r" -eq 0 ]; do
+      vmf_chk; vmf_r=$?
+      [ "$vmf_r" -ne 0 ] && break
+      vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge "$vmf_tries" ] && break
+      sleep 0.005 2>/dev/null || sleep 1
     done
-    [ "$vmf_s" -lt 500 ] && vmf_r=1
+    case $vmf_r in 0) echo vmf:alive;; 1|2) echo vmf:killed;; *) echo vmf:error;; esac
+  else
+    case $vmf_r in 1) echo vmf:not-running;; 2) echo vmf:not-that-vm;; *) echo vmf:error;; esac
   fi
-  vmf_i=0
-  while [ "$vmf_r" -eq 0 ]; do
-    vmf_chk; vmf_r=$?
-    [ "$vmf_r" -ne 0 ] && break
-    vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge {tries} ] && break
-    sleep 0.005 2>/dev/null || sleep 1
-  done
-  case $vmf_r in 0) echo vmf:alive;; 1|2) echo vmf:killed;; *) echo vmf:error;; esac
-else
-  case $vmf_r in 1) echo vmf:not-running;; 2) echo vmf:not-that-vm;; *) echo vmf:error;; esac
-fi"""
+}"""
+    return ShFunction("vmf_kill", ("str", "num", "num"), body)
+
+
+KILL = _kill_function()
+
+
+def kill_args(vm: RunningVM, budget: float) -> tuple[Arg, ...]:
+    return (vmx_tail(vm.config_file), vm.cartel, max(1, int(budget / 0.01)))
+
+
+def kill_command(vm: RunningVM, budget: float) -> str:
+    return KILL.call(*kill_args(vm, budget))
 
 
 def session_setup(_host: HostConfig) -> str:
+    return SESSION_SETUP
+
+
+def setup(_libvirt_uri: str) -> str:
     return SESSION_SETUP
 
 
@@ -284,9 +308,10 @@ END { if (!h) exit 3; if (n == 0) exit 1; if (n == 1 && same == 1) exit 0; exit 
 """
 
 
-def power_on_command(vm: RegisteredVM) -> str:
-    """Power on Vmid `vm.vmid`, after checking on the host, in the same command, that this Vmid
-    still names that VM (same Name and File in `vim-cmd vmsvc/getallvms`).
+def _power_on_function() -> ShFunction:
+    """`vmf_on VMID NAME FILE`: power on Vmid VMID, after checking on the host, in the same
+    command, that this Vmid still names that VM (same Name and File in
+    `vim-cmd vmsvc/getallvms`).
 
     A Vmid is only a handle of one host's inventory: after a reload points a host name at
     another machine, or the VM was unregistered and another took its Vmid, the same number
@@ -294,10 +319,8 @@ def power_on_command(vm: RegisteredVM) -> str:
     returns non-zero, starting nothing. A function, not a subshell `exit`: the command runs in
     the lane's long-lived shell.
     """
-    values = (("VMF_ID", vm.vmid), ("VMF_NAME", vm.name), ("VMF_FILE", vm.config_file))
-    assign = "; ".join(f"{key}={shlex.quote(value)}" for key, value in values)
-    return f"""{assign}; export VMF_ID VMF_NAME VMF_FILE
-vmf_on() {{
+    body = f"""vmf_on() {{
+  VMF_ID=$1; VMF_NAME=$2; VMF_FILE=$3; export VMF_ID VMF_NAME VMF_FILE
   if ! vmf_l=$(vim-cmd vmsvc/getallvms 2>&1); then
     printf '%s\\n' "$vmf_l" | tail -n 3
     printf 'vmf:refused vim-cmd vmsvc/getallvms failed: cannot check what Vmid %s is\\n' "$VMF_ID"
@@ -312,18 +335,38 @@ vmf_on() {{
     *) printf 'vmf:refused no getallvms table: cannot check what Vmid %s is\\n' "$VMF_ID";;
   esac
   return 1
-}}
-vmf_on"""
+}}"""
+    return ShFunction("vmf_on", ("str", "str", "str"), body)
+
+
+POWER_ON = _power_on_function()
+
+
+def power_on_args(vm: RegisteredVM) -> tuple[Arg, ...]:
+    return (vm.vmid, vm.name, vm.config_file)
+
+
+def power_on_command(vm: RegisteredVM) -> str:
+    return POWER_ON.call(*power_on_args(vm))
+
+
+LISTINGS = (
+    Listing(ShFunction("vmf_vmdumper", (), f"vmf_vmdumper() {{\n  {VMDUMPER}\n}}"), parse_vmdumper),
+    Listing(ShFunction("vmf_esxcli", (), f"vmf_esxcli() {{\n  {ESXCLI_XML}\n}}"), parse_esxcli_xml),
+)
+REGISTERED = ShFunction("vmf_getallvms", (), f"vmf_getallvms() {{\n  {GETALLVMS}\n}}")
 
 
 BACKEND = Backend(
     kind="esxi",
-    session_setup=session_setup,
-    listings=(Listing(VMDUMPER, parse_vmdumper), Listing(ESXCLI_XML, parse_esxcli_xml)),
-    registered_command=GETALLVMS,
+    setup=setup,
+    listings=LISTINGS,
+    registered=REGISTERED,
     parse_registered=parse_getallvms,
-    kill_command=kill_command,
+    kill=KILL,
+    kill_args=kill_args,
     parse_kill=parse_kill_marker,
-    power_on_command=power_on_command,
+    power_on=POWER_ON,
+    power_on_args=power_on_args,
     power_on_timeout=60,
 )

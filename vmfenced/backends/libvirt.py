@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from vmfenced.backends import Backend, Listing, parse_kill_marker, procfs
+from vmfenced.backends import Arg, Backend, Listing, ShFunction, parse_kill_marker, procfs
 from vmfenced.backends.text import check_name, split_lines
 from vmfenced.config import HostConfig
 from vmfenced.errors import ParseError
@@ -32,11 +32,18 @@ RUN_DIR = "/run/libvirt/qemu"
 SYSTEM_URI = "qemu:///system"
 REGISTERED = "virsh list --all --uuid --name"
 # Older virsh may refuse --uuid with --name: then names alone, power-on by name.
-REGISTERED_COMMAND = f"""if vmf_o=$({REGISTERED} 2>&1); then
-  printf 'vmf:uuid-name\\n%s\\n' "$vmf_o"
-else
-  vmf_o=$(virsh list --all --name) && printf 'vmf:name\\n%s\\n' "$vmf_o"
-fi"""
+REGISTERED_FUNCTION = ShFunction(
+    "vmf_registered",
+    (),
+    f"""vmf_registered() {{
+  if vmf_o=$({REGISTERED} 2>&1); then
+    printf 'vmf:uuid-name\\n%s\\n' "$vmf_o"
+  else
+    vmf_o=$(virsh list --all --name) && printf 'vmf:name\\n%s\\n' "$vmf_o"
+  fi
+}}""",
+)
+REGISTERED_COMMAND = REGISTERED_FUNCTION.call()
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _VM_LINE = re.compile(rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<uuid>{_UUID}|-) (?P<name>.+)$")
@@ -165,22 +172,30 @@ BEGIN {
 _AWK_CHECK = procfs.check_awk(_AWK_LIB, 'vmf_guest(vmf_opt("-name")) == ENVIRON["VMF_NAME"]')
 
 
-def session_setup(host: HostConfig) -> str:
+def setup(libvirt_uri: str) -> str:
     """virsh talks to the host's configured libvirtd; C locale for byte-exact name matching."""
     return (
-        f"LIBVIRT_DEFAULT_URI={shlex.quote(host.libvirt_uri)}; export LIBVIRT_DEFAULT_URI; "
+        f"LIBVIRT_DEFAULT_URI={shlex.quote(libvirt_uri)}; export LIBVIRT_DEFAULT_URI; "
         'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH'
     )
 
 
+def session_setup(host: HostConfig) -> str:
+    return setup(host.libvirt_uri)
+
+
 def pidfile_listing(run_dir: str = RUN_DIR) -> str:
+    return pidfile_function(run_dir).call()
+
+
+def pidfile_function(run_dir: str = RUN_DIR) -> ShFunction:
     """Running domains from libvirt's pid files, each checked against /proc (no libvirtd).
 
     Only for qemu:///system, whose pid files live in `run_dir`; other URIs fall back to virsh.
     A pid file that cannot be read, or a /proc that hides processes, is a doubt (exit 3).
     """
     run = shlex.quote(run_dir)
-    return f"""vmf_ls() {{
+    body = f"""vmf_ls() {{
   [ "${{LIBVIRT_DEFAULT_URI:-{SYSTEM_URI}}}" = {SYSTEM_URI} ] || {{
     echo "vmf:doubt not {SYSTEM_URI}"; return 3; }}
   [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
@@ -198,18 +213,24 @@ def pidfile_listing(run_dir: str = RUN_DIR) -> str:
     set -- "$@" "$vmf_v" "${{vmf_n%.pid}}"
   done
   awk {shlex.quote(_AWK_PIDFILES)} "$@"
-}}
-vmf_ls"""
+}}"""
+    return ShFunction("vmf_ls", (), body)
 
 
 def virsh_listing() -> str:
-    """Fallback: `virsh list --name`, each running domain matched to its qemu in /proc."""
-    return f"""vmf_vl() {{
+    return VIRSH_LISTING.call()
+
+
+VIRSH_LISTING = ShFunction(
+    "vmf_vl",
+    (),
+    # Fallback: `virsh list --name`, each running domain matched to its qemu in /proc.
+    f"""vmf_vl() {{
   [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
   vmf_o=$(virsh list --name 2>&1) || {{ printf '%s\\n' "$vmf_o"; return 3; }}
   printf '%s\\n' "$vmf_o" | awk {shlex.quote(_AWK_SCAN)} /proc/[0-9]*/cmdline
-}}
-vmf_vl"""
+}}""",
+)
 
 
 def pid_file(name: str) -> str:
@@ -268,48 +289,64 @@ def kill_command(vm: RunningVM, budget: float) -> str:
     process started later (starttime differs: reused after our kill was reaped).
     A check that cannot conclude is `vmf:error`, never "not running".
     """
-    return procfs.kill_script("VMF_NAME", vm.name, vm.cartel, _AWK_CHECK, budget)
+    return KILL.call(*kill_args(vm, budget))
 
 
-_SAME_DOMAIN = """  vmf_n=$(virsh domname --domain {domain} 2>&1) || {{
-    printf 'vmf:refused cannot name %s: %s\\n' {domain} "$vmf_n"; return 1; }}
-  [ "$vmf_n" = "$VMF_NAME" ] || {{
-    printf 'vmf:refused %s now names another domain: %s\\n' {domain} "$vmf_n"; return 1; }}
-"""
+KILL = procfs.kill_function("VMF_NAME", _AWK_CHECK)
+
+
+def kill_args(vm: RunningVM, budget: float) -> tuple[Arg, ...]:
+    return (vm.name, vm.cartel, procfs.kill_tries(budget))
+
+
+def power_on_args(vm: RegisteredVM) -> tuple[Arg, ...]:
+    return (vm.vmid, vm.name)
 
 
 def power_on_command(vm: RegisteredVM) -> str:
-    """`virsh start`, once libvirtd has seen the previous qemu die (it lags a kill -9 ~0.2 s),
-    and only if the handle (the UUID) still names this domain: it may have been undefined and
-    its UUID given to another domain since the inventory was taken. The name is compared as
-    data, in the same command as the start."""
-    domain = shlex.quote(vm.vmid)
-    # From an older virsh without --uuid the handle is the name itself: nothing to re-check.
-    same = "" if vm.vmid == vm.name else _SAME_DOMAIN.format(domain=domain)
-    return f"""VMF_NAME={shlex.quote(vm.name)}
-vmf_on() {{
+    return POWER_ON.call(*power_on_args(vm))
+
+
+# `vmf_on HANDLE NAME`: `virsh start`, once libvirtd has seen the previous qemu die (it lags a
+# kill -9 ~0.2 s), and only if the handle (the UUID) still names this domain: it may have been
+# undefined and its UUID given to another domain since the inventory was taken. The name is
+# compared as data, in the same command as the start. From an older virsh without --uuid the
+# handle is the name itself: nothing to re-check.
+POWER_ON = ShFunction(
+    "vmf_on",
+    ("str", "str"),
+    """vmf_on() {
+  vmf_d=$1; VMF_NAME=$2
   vmf_i=0
-  while vmf_s=$(virsh domstate --domain {domain} 2>&1); do
+  while vmf_s=$(virsh domstate --domain "$vmf_d" 2>&1); do
     case $vmf_s in "shut off"*|crashed*) break;; esac
     vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge 300 ] && break
     sleep 0.05 2>/dev/null || sleep 1
   done
-{same}  virsh start --domain {domain}
-}}
-vmf_on"""
+  if [ "$vmf_d" != "$VMF_NAME" ]; then
+    vmf_n=$(virsh domname --domain "$vmf_d" 2>&1) || {
+      printf 'vmf:refused cannot name %s: %s\\n' "$vmf_d" "$vmf_n"; return 1; }
+    [ "$vmf_n" = "$VMF_NAME" ] || {
+      printf 'vmf:refused %s now names another domain: %s\\n' "$vmf_d" "$vmf_n"; return 1; }
+  fi
+  virsh start --domain "$vmf_d"
+}""",
+)
 
 
 BACKEND = Backend(
     kind="libvirt",
-    session_setup=session_setup,
+    setup=setup,
     listings=(
-        Listing(pidfile_listing(), parse_vm_lines),
-        Listing(virsh_listing(), parse_vm_lines),
+        Listing(pidfile_function(), parse_vm_lines),
+        Listing(VIRSH_LISTING, parse_vm_lines),
     ),
-    registered_command=REGISTERED_COMMAND,
+    registered=REGISTERED_FUNCTION,
     parse_registered=parse_registered,
-    kill_command=kill_command,
+    kill=KILL,
+    kill_args=kill_args,
     parse_kill=parse_kill_marker,
-    power_on_command=power_on_command,
+    power_on=POWER_ON,
+    power_on_args=power_on_args,
     power_on_timeout=60,
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from vmfenced.backends import ShFunction
 from vmfenced.backends.text import split_lines
 from vmfenced.errors import ParseError
 
@@ -58,18 +59,22 @@ function vmf_opt(o,   i) {
 """
 
 
-def kill_script(env_name: str, env_value: str, pid: int, check_awk: str, budget: float) -> str:
-    """One round trip: `check_awk` says the PID runs the expected VM, kill -9, wait until dead.
+def kill_tries(budget: float) -> int:
+    """How many times the guarded kill checks the PID before answering `vmf:alive`."""
+    return SPIN + max(1, int(budget / 0.01))
 
-    `check_awk` gets the PID as ARGV[1] and `env_value` as ENVIRON[env_name]; it prints the
+
+def kill_function(env_name: str, check_awk: str) -> ShFunction:
+    """`vmf_kill VALUE PID TRIES`, one round trip: `check_awk` says the PID runs the expected VM,
+    kill -9, wait until dead (TRIES checks, those after the first SPIN sleeping 10 ms).
+
+    `check_awk` gets the PID as ARGV[1] and VALUE as ENVIRON[env_name]; it prints the
     process's starttime and exits 10 when the PID is that VM, 11 gone or dead, 12 something
     else, 13 no verdict. Dead also means the PID now belongs to a process started later
     (starttime differs: reused after our kill was reaped). A check that cannot conclude is
     `vmf:error`, never "not running".
     """
-    tries = SPIN + max(1, int(budget / 0.01))
-    return f"""{env_name}={shlex.quote(env_value)}; export {env_name}; vmf_p={pid}; vmf_start=
-vmf_chk() {{
+    body = f"""vmf_chk() {{
   vmf_o=$(awk {shlex.quote(check_awk)} "$vmf_p" 2>&1)
   case $? in
     10) vmf_start=${{vmf_o##*[!0-9]}}; return 0;;
@@ -89,25 +94,29 @@ vmf_gone() {{
   [ -n "$vmf_start" ] && [ "${{20}}" != "$vmf_start" ] && return 0
   return 1
 }}
-vmf_chk; vmf_r=$?
-if [ "$vmf_r" -eq 0 ]; then
-  if ! kill -9 "$vmf_p" 2>/dev/null && ! vmf_gone; then
-    echo "kill -9 $vmf_p refused"; echo vmf:error
+vmf_kill() {{
+  {env_name}=$1; export {env_name}; vmf_p=$2; vmf_tries=$3; vmf_start=
+  vmf_chk; vmf_r=$?
+  if [ "$vmf_r" -eq 0 ]; then
+    if ! kill -9 "$vmf_p" 2>/dev/null && ! vmf_gone; then
+      echo "kill -9 $vmf_p refused"; echo vmf:error
+    else
+      vmf_i=0
+      while ! vmf_gone; do
+        vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge "$vmf_tries" ] && break
+        [ "$vmf_i" -gt {SPIN} ] && {{ sleep 0.01 2>/dev/null || sleep 1; }}
+      done
+      if vmf_gone; then echo vmf:killed; else echo vmf:alive; fi
+    fi
   else
-    vmf_i=0
-    while ! vmf_gone; do
-      vmf_i=$((vmf_i + 1)); [ "$vmf_i" -ge {tries} ] && break
-      [ "$vmf_i" -gt {SPIN} ] && {{ sleep 0.01 2>/dev/null || sleep 1; }}
-    done
-    if vmf_gone; then echo vmf:killed; else echo vmf:alive; fi
+    case $vmf_r in
+      1) echo vmf:not-running;;
+      2) echo vmf:not-that-vm;;
+      *) printf '%s\\n' "$vmf_o"; echo vmf:error;;
+    esac
   fi
-else
-  case $vmf_r in
-    1) echo vmf:not-running;;
-    2) echo vmf:not-that-vm;;
-    *) printf '%s\\n' "$vmf_o"; echo vmf:error;;
-  esac
-fi"""
+}}"""
+    return ShFunction("vmf_kill", ("str", "num", "num"), body)
 
 
 def check_awk(lib: str, is_vm: str) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from vmfenced.backends import Backend, Listing, parse_kill_marker, procfs
+from vmfenced.backends import Arg, Backend, Listing, ShFunction, parse_kill_marker, procfs
 from vmfenced.backends.proxmox_cluster import (
     AWK_LIB,
     NODE,
@@ -33,13 +33,14 @@ from vmfenced.backends.proxmox_cluster import (
     awk,
     conf_path,
     parse_registered,
-    registered_command,
+    registered_function,
 )
 from vmfenced.backends.proxmox_ha import (
     HA_START_WAIT,
-    hold_off_command,
+    HOLD_OFF,
+    POWER_ON,
     parse_hold_off,
-    power_on_command,
+    power_on_args,
 )
 from vmfenced.backends.text import check_name
 from vmfenced.config import HostConfig
@@ -83,15 +84,33 @@ BEGIN {
 )
 
 
-def session_setup(host: HostConfig) -> str:
-    """The node name selects this node's configs; C locale: byte lengths, byte-exact names."""
+_ENV = 'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH'
+
+
+def setup(libvirt_uri: str) -> str:
+    """The helper's setup (the URI is not used): the node name is the host's own, its hostname
+    up to the first dot as Proxmox's `PVE::INotify::nodename` has it, never a requester's
+    word. One program then serves every node of a cluster (the key line, in the cluster-wide
+    authorized_keys, names one path), and the daemon checks the name in the hello handshake
+    against the entry's `pve_node` (docs/host-helper.md). C locale: byte-exact names."""
+    del libvirt_uri
     return (
-        f"VMF_PVE_NODE={shlex.quote(host.node or host.name)}; export VMF_PVE_NODE; "
-        'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH'
+        "VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; "
+        f"export VMF_PVE_NODE; {_ENV}"
     )
 
 
+def session_setup(host: HostConfig) -> str:
+    """Shell mode: the node name selects this node's configs; C locale: byte lengths,
+    byte-exact names."""
+    return f"VMF_PVE_NODE={shlex.quote(host.node or host.name)}; export VMF_PVE_NODE; {_ENV}"
+
+
 def pidfile_listing(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
+    return pidfile_function(run_dir, pve_dir).call()
+
+
+def pidfile_function(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> ShFunction:
     """Running VMs of this node from its pid files, each checked against /proc.
 
     The config of a running VMID is looked for under every node: during a live migration the
@@ -99,7 +118,7 @@ def pidfile_listing(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
     """
     run, pve = shlex.quote(run_dir), shlex.quote(pve_dir)
     program = shlex.quote(awk(_AWK_PIDFILES, run_dir, pve_dir))
-    return f"""vmf_pl() {{
+    body = f"""vmf_pl() {{
   [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
   case ${{VMF_PVE_NODE:-}} in ''|*/*|.*) echo "vmf:doubt no Proxmox node name"; return 3;; esac
   [ -d {pve}/nodes/"$VMF_PVE_NODE" ] || {{
@@ -129,8 +148,8 @@ def pidfile_listing(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
     set -- "$@" "$vmf_v" "$vmf_i" "$vmf_o"
   done
   LC_ALL=C awk {program} "$@"
-}}
-vmf_pl"""
+}}"""
+    return ShFunction("vmf_pl", (), body)
 
 
 def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
@@ -159,26 +178,45 @@ def check_program(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
     return awk(procfs.check_awk(AWK_LIB, 'vmf_pve_vm(ENVIRON["VMF_VMID"], RUN)'), run_dir, pve_dir)
 
 
-_CHECK = check_program()
+def kill_function(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> ShFunction:
+    """`vmf_pk VMID PID TRIES`: the guarded kill of the VMID's kvm. The VMID is a number by
+    the helper's grammar (no leading zero, at most 9 digits: a VMID), so a request cannot aim
+    the guard at another pid file than `RUN/VMID.pid`."""
+    kill = procfs.kill_function("VMF_VMID", check_program(run_dir, pve_dir))
+    body = f"""{kill.body}
+vmf_pk() {{
+  vmf_kill "$1" "$2" "$3"
+}}"""
+    return ShFunction("vmf_pk", ("num", "num", "num"), body)
+
+
+KILL = kill_function()
+
+
+def kill_args(vm: RunningVM, budget: float) -> tuple[Arg, ...]:
+    if vm.vmid is None or not VMID_RE.match(vm.vmid):
+        raise ParseError("proxmox kill", f"{vm.name!r} has no VMID")
+    return (vm.vmid, vm.cartel, procfs.kill_tries(budget))
 
 
 def kill_command(vm: RunningVM, budget: float) -> str:
     """One round trip: check the PID runs this VMID's kvm, kill -9 it, wait until it is dead."""
-    if vm.vmid is None or not VMID_RE.match(vm.vmid):
-        raise ParseError("proxmox kill", f"{vm.name!r} has no VMID")
-    return procfs.kill_script("VMF_VMID", vm.vmid, vm.cartel, _CHECK, budget)
+    return KILL.call(*kill_args(vm, budget))
 
 
 BACKEND = Backend(
     kind="proxmox",
-    session_setup=session_setup,
-    listings=(Listing(pidfile_listing(), parse_vm_lines),),
-    registered_command=registered_command(),
+    setup=setup,
+    host_setup=session_setup,
+    listings=(Listing(pidfile_function(), parse_vm_lines),),
+    registered=registered_function(),
     parse_registered=parse_registered,
-    kill_command=kill_command,
+    kill=KILL,
+    kill_args=kill_args,
     parse_kill=parse_kill_marker,
-    power_on_command=power_on_command,
+    power_on=POWER_ON,
+    power_on_args=power_on_args,
     power_on_timeout=HA_START_WAIT + 30,
-    hold_off_command=hold_off_command,
+    hold_off=HOLD_OFF,
     parse_hold_off=parse_hold_off,
 )

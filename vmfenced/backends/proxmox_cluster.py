@@ -14,7 +14,7 @@ import re
 import shlex
 from typing import Any
 
-from vmfenced.backends import procfs
+from vmfenced.backends import ShFunction, procfs
 from vmfenced.backends.text import check_name
 from vmfenced.errors import ParseError
 from vmfenced.model import RegisteredVM
@@ -97,15 +97,19 @@ def awk(program: str, run_dir: str, pve_dir: str) -> str:
 
 
 def registered_command(pve_dir: str = PVE_DIR) -> str:
+    return registered_function(pve_dir).call()
+
+
+def registered_function(pve_dir: str = PVE_DIR) -> ShFunction:
     pve = shlex.quote(pve_dir)
     program = shlex.quote(awk(_AWK_REGISTERED, RUN_DIR, pve_dir))
-    return f"""vmf_pr() {{
+    body = f"""vmf_pr() {{
   [ -d {pve}/nodes ] || {{ echo "vmf:doubt no {pve_dir}/nodes: /etc/pve not mounted"; return 3; }}
   set -- {pve}/nodes/*/qemu-server/*.conf
   [ -e "$1" ] || set --
   LC_ALL=C awk {program} {pve}/.vmlist "$@"
-}}
-vmf_pr"""
+}}"""
+    return ShFunction("vmf_pr", (), body)
 
 
 def conf_path(node: str, vmid: str, pve_dir: str = PVE_DIR) -> str:

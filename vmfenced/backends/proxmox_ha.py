@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 
+from vmfenced.backends import Arg, ShFunction
 from vmfenced.backends.proxmox_cluster import AWK_LIB, PVE_DIR, RUN_DIR, VMID_RE
 from vmfenced.backends.text import split_lines
 from vmfenced.errors import ParseError
@@ -61,15 +62,21 @@ BEGIN {
 
 
 def hold_off_command(vmid: str, pve_dir: str = PVE_DIR, timeout: float = HA_TIMEOUT) -> str:
-    """After the kill: an HA-managed VM (`started`) would be started again by the HA stack
-    within a round or two, so ask it to keep the VM stopped: `crm-command stop vm:ID 0`, the
-    hard stop Proxmox's own stop requests for an HA VM (docs/proxmox.md says why not
-    `set --state stopped`). One line `vmf:ha OUTCOME [DETAIL]`, whatever happens."""
     if not VMID_RE.match(vmid):
         raise ParseError("proxmox HA stop", f"not a VMID: {vmid!r}")
+    return hold_off_function(pve_dir, timeout).call(vmid)
+
+
+def hold_off_function(pve_dir: str = PVE_DIR, timeout: float = HA_TIMEOUT) -> ShFunction:
+    """`vmf_hold VMID`, after the kill: an HA-managed VM (`started`) would be started again by
+    the HA stack within a round or two, so ask it to keep the VM stopped: `crm-command stop
+    vm:ID 0`, the hard stop Proxmox's own stop requests for an HA VM (docs/proxmox.md says why
+    not `set --state stopped`). One line `vmf:ha OUTCOME [DETAIL]`, whatever happens. The VMID
+    is a number by the helper's grammar; the body checks it again for shell mode's callers."""
     cfg = shlex.quote(f"{pve_dir}/ha/resources.cfg")
-    return f"""VMF_VMID={vmid}; export VMF_VMID
-vmf_hold() {{
+    body = f"""vmf_hold() {{
+  case $1 in ''|*[!0-9]*|0*) echo "vmf:ha unknown not a VMID"; return 0;; esac
+  VMF_VMID=$1; export VMF_VMID
   [ -e {cfg} ] || {{ echo "vmf:ha not-managed"; return 0; }}
   vmf_s=$(LC_ALL=C awk {shlex.quote(_AWK_HA)} {cfg} 2>&1) || {{
     vmf_s=$(printf '%s' "$vmf_s" | tr '\\n' ' ' | cut -c1-200)
@@ -84,8 +91,11 @@ vmf_hold() {{
   vmf_o=$(printf '%s' "$vmf_o" | tr '\\n' ' ' | cut -c1-300)
   if [ "$vmf_r" -eq 0 ]; then echo "vmf:ha stop-accepted $vmf_o"
   else echo "vmf:ha stop-refused exit $vmf_r: $vmf_o"; fi
-}}
-vmf_hold"""
+}}"""
+    return ShFunction("vmf_hold", ("num",), body)
+
+
+HOLD_OFF = hold_off_function()
 
 
 def parse_hold_off(text: str) -> HoldOff:
@@ -98,20 +108,32 @@ def parse_hold_off(text: str) -> HoldOff:
     return HoldOff(word, detail.strip())
 
 
+def power_on_args(vm: RegisteredVM) -> tuple[Arg, ...]:
+    if not VMID_RE.match(vm.vmid):
+        raise ParseError("proxmox power-on", f"not a VMID: {vm.vmid!r}")
+    return (vm.vmid, vm.name)
+
+
 def power_on_command(
     vm: RegisteredVM, pve_dir: str = PVE_DIR, run_dir: str = RUN_DIR, wait: float = HA_START_WAIT
 ) -> str:
-    """On the owner node: `qm start VMID`, or for an HA-managed VM `ha-manager set vm:VMID
-    --state started` (HA would refuse a start behind its back) and a wait for its pid file.
+    return power_on_function(pve_dir, run_dir, wait).call(*power_on_args(vm))
+
+
+def power_on_function(
+    pve_dir: str = PVE_DIR, run_dir: str = RUN_DIR, wait: float = HA_START_WAIT
+) -> ShFunction:
+    """`vmf_on VMID NAME` on the owner node: `qm start VMID`, or for an HA-managed VM
+    `ha-manager set vm:VMID --state started` (HA would refuse a start behind its back) and a
+    wait for its pid file.
 
     In the same command, the config must still be on this node and name this VM: a VMID can
     be destroyed and reused, or the VM moved, since the registrations were read."""
-    if not VMID_RE.match(vm.vmid):
-        raise ParseError("proxmox power-on", f"not a VMID: {vm.vmid!r}")
     pve, run = shlex.quote(pve_dir), shlex.quote(run_dir)
     tries = max(1, int(wait / 0.1))
-    return f"""VMF_VMID={vm.vmid}; VMF_NAME={shlex.quote(vm.name)}; export VMF_VMID
-vmf_on() {{
+    body = f"""vmf_on() {{
+  VMF_VMID=$1; VMF_NAME=$2; export VMF_VMID
+  case $VMF_VMID in ''|*[!0-9]*|0*) echo "vmf:refused not a VMID"; return 1;; esac
   vmf_c={pve}/nodes/"$VMF_PVE_NODE"/qemu-server/"$VMF_VMID".conf
   [ -f "$vmf_c" ] || {{
     echo "vmf:refused VMID $VMF_VMID has no config on $VMF_PVE_NODE (moved or destroyed)"
@@ -141,5 +163,8 @@ vmf_on() {{
   done
   echo "vmf:refused the HA stack did not start VMID $VMF_VMID within {wait:g} s"
   return 1
-}}
-vmf_on"""
+}}"""
+    return ShFunction("vmf_on", ("num", "str"), body)
+
+
+POWER_ON = power_on_function()

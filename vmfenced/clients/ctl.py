@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 
 from vmfenced import __version__
-from vmfenced.clients import replies
+from vmfenced.clients import hosthelper, replies
 from vmfenced.clients.client import (
     DEFAULT_SOCKET,
     FENCE_ACTIONS,
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=100, help="at most this many, the newest (default 100)"
     )
     sub.add_parser("metrics", help="the Prometheus metrics, as text")
+    hosthelper.add_parser(sub)
     return parser
 
 
@@ -184,6 +185,16 @@ def _address_column(h: HostInfo) -> str:
     return text
 
 
+def _mode(h: HostInfo) -> str:
+    """`shell`, or `helper` with the version the host answered (`?` until it has); `api` for
+    a vSphere API entry, which has no SSH mode."""
+    if h.kind == "vsphere" and h.mode is None:
+        return "api"
+    if h.mode != "helper":
+        return h.mode or "shell"
+    return f"helper {h.helper_version or '?'}"
+
+
 def _listing(problem: str | None) -> str | None:
     return None if problem is None else f"listing fails: {problem}"
 
@@ -196,11 +207,12 @@ def render_status(result: JsonObject, now: float) -> str:
         head += f"journal {_journal_line(status.journal, now)}\n"
     head += "\n"
     hosts = table(
-        ("HOST", "ADDRESS", "STATE", "SINCE", "RTT", "INVENTORY", "VMS", "REASON"),
+        ("HOST", "ADDRESS", "MODE", "STATE", "SINCE", "RTT", "INVENTORY", "VMS", "REASON"),
         [
             (
                 h.name,
                 _address_column(h),
+                _mode(h),
                 h.state,
                 "-" if h.since is None else format_age(now - h.since) + " ago",
                 "-" if h.rtt_ms is None else f"{h.rtt_ms:.2f} ms",
@@ -396,6 +408,8 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO, *, clock: Clock = t
         stderr.write(parser.format_usage())
         stderr.write(f"vmfencectl: error: {exc}\n")
         return EXIT_USAGE
+    if args.command == "host-helper":  # prints text; asks no daemon
+        return hosthelper.run(args, stdout, stderr)
     timeout = args.timeout
     if timeout is None:
         timeout = RELOAD_TIMEOUT_S if args.command == "reload" else DEFAULT_TIMEOUT_S

@@ -63,6 +63,8 @@ class HostInfo(Record):
         "fence_address",
         "inventory_address",
         "listing_problem",
+        "mode",
+        "helper_version",
         "path",
         "warnings",
     )
@@ -83,6 +85,8 @@ class HostInfo(Record):
         fence_address: str | None = None,
         inventory_address: str | None = None,
         listing_problem: str | None = None,
+        mode: str | None = None,
+        helper_version: str | None = None,
         path: str | None = None,
         warnings: tuple[str, ...] = (),
     ) -> None:
@@ -101,6 +105,10 @@ class HostInfo(Record):
         self.inventory_address: Final = inventory_address
         # Why the host's process listing fails while its link is up (fences needing it fail).
         self.listing_problem: Final = listing_problem
+        # "shell" or "helper" (None from daemons older than the helper), and the helper
+        # version the host answered at its fence lane's connection.
+        self.mode: Final = mode
+        self.helper_version: Final = helper_version
         # vSphere: the way a fence of a VM on this host goes now ("ssh:HOST" or "api:ENTRY"),
         # and the session's warnings (TLS not verified); None/() for the SSH-only kinds.
         self.path: Final = path

@@ -138,6 +138,8 @@ def parse_status(result: JsonObject) -> StatusResult:
             fence_address=_lane_address(h, "fence"),
             inventory_address=_lane_address(h, "inventory"),
             listing_problem=_opt_str(h, "listing_problem", "status host"),
+            mode=_opt_str(h, "mode", "status host"),
+            helper_version=_opt_str(h, "helper_version", "status host"),
             path=_opt_str(h, "path", "status host"),
             warnings=_strings(h, "warnings", "status host"),
         )

@@ -177,12 +177,11 @@ class Fencer:
         them), bounded; its answer is reported, and never turns the success into a failure."""
         host = self.hosts.get(name)
         backend = None if host is None else host.backend
-        if host is None or backend is None or backend.hold_off_command is None:
+        if host is None or backend is None or backend.hold_off is None:
             return result
         assert backend.parse_hold_off is not None
         try:
-            answer = await host.fence.run(backend.hold_off_command(vmid), HOLD_OFF_TIMEOUT)
-            hold = backend.parse_hold_off(answer.output)
+            hold = backend.parse_hold_off(await host.hold_off(vmid, HOLD_OFF_TIMEOUT))
         except (LinkError, ParseError) as exc:
             hold = HoldOff("unknown", exc.reason)
         warning = result.warning

@@ -10,17 +10,17 @@ from typing import Any
 import asyncssh
 import structlog
 
-from vmfenced.backends import Backend
+from vmfenced.backends import Arg, Backend, ShFunction
+from vmfenced.backends import helper as host_helper
+from vmfenced.backends.helper import LISTING_MARK
 from vmfenced.config import HostConfig, SSHConfig
-from vmfenced.daemon.link import KnownHosts, Lane
+from vmfenced.daemon.knownhosts import KnownHosts
+from vmfenced.daemon.link import Lane
 from vmfenced.errors import LinkError, ListingDoubt, ParseError
 from vmfenced.model import KillOutcome, LinkState, RegisteredVM, RunningVM
 
 # The inventory lane's keepalive interval, in fence-lane intervals (2 s at the defaults).
 INVENTORY_KEEPALIVE_FACTOR = 4
-
-# Separates the guarded kill's answer from the listing that follows it in one command.
-LISTING_MARK = "vmf:listing-after-kill"
 
 HostListener = Callable[["Host", Lane], None]
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
@@ -46,6 +46,10 @@ class Host:
         # Why the latest process listing failed on a host that answers (an unreadable name, a
         # process that cannot be judged): fences that need this host fail until it clears.
         self.listing_problem: str | None = None
+        self.mode = ssh.mode
+        helper = None
+        if ssh.mode == "helper":
+            helper = host_helper.spec(backend, config.libvirt_uri, config.node)
 
         def listener(lane: Lane) -> None:
             on_change(self, lane)
@@ -55,6 +59,7 @@ class Host:
             "client_keys": client_keys,
             "on_change": listener,
             "known_hosts": known_hosts,
+            "helper": helper,
         }
         self.fence = Lane(config, ssh, "fence", **lane_args)
         # The host's state is its fence lane's: only that lane must notice a hung host within
@@ -77,7 +82,7 @@ class Host:
 
     async def probe(self, timeout: float) -> float:
         """Round trip of a no-op over the warm fence shell."""
-        result = await self.fence.run(":", timeout)
+        result = await self.fence.run(":" if self.mode == "shell" else "ping", timeout)
         self.rtt = result.elapsed
         return result.elapsed
 
@@ -87,7 +92,8 @@ class Host:
         deadline = loop.time() + timeout
         failures = []
         for number, listing in enumerate(self.backend.listings, 1):
-            result = await lane.run(listing.command, deadline - loop.time())
+            command = listing.command if self.mode == "shell" else f"list {number}"
+            result = await lane.run(command, deadline - loop.time())
             if result.status != 0:
                 # The scripts say why on their last lines (`vmf:doubt ...`); their text is long.
                 failures.append(f"listing {number} exited {result.status}: {_tail(result)}")
@@ -110,7 +116,7 @@ class Host:
         """`urgent`: a request waits for it (an `off` by absence, `status`, `on`). If the
         inventory lane is busy (a registration listing through hostd can take seconds), the
         fence lane runs it instead of making the request wait for two."""
-        command = self.backend.registered_command
+        command = self._command(self.backend.registered, (), "registered")
         lane = self.inventory
         if urgent and lane.busy and not self.fence.busy and self.fence.state is LinkState.UP:
             lane = self.fence
@@ -126,8 +132,8 @@ class Host:
 
     async def guarded_kill(self, vm: RunningVM, timeout: float) -> KillOutcome:
         # The host-side wait gets most of the budget; the rest covers the round trip.
-        command = self.backend.kill_command(vm, max(0.05, timeout * 0.8))
-        result = await self.fence.run(command, timeout)
+        args = self.backend.kill_args(vm, max(0.05, timeout * 0.8))
+        result = await self.fence.run(self._command(self.backend.kill, args, "kill"), timeout)
         try:
             return self.backend.parse_kill(result.output)
         except ParseError as exc:
@@ -140,11 +146,11 @@ class Host:
         instance of the VM runs on this host costs no second exchange. The listing is None when
         it failed or could not be read (the caller lists again, with every fallback)."""
         listing = self.backend.listings[0]
-        command = (
-            self.backend.kill_command(vm, max(0.05, timeout * 0.8))
-            + f"\necho {LISTING_MARK}\n"
-            + listing.command
-        )
+        args = self.backend.kill_args(vm, max(0.05, timeout * 0.8))
+        if self.mode == "helper":
+            command = host_helper.request("kill-list", self.backend.kill, args)
+        else:
+            command = self.backend.kill.call(*args) + f"\necho {LISTING_MARK}\n" + listing.command
         result = await self.fence.run(command, timeout)
         lines = result.output.split("\n")
         # The kill part's output is ours (markers, awk's errors); the first mark ends it.
@@ -164,10 +170,24 @@ class Host:
             return outcome, None
 
     async def power_on(self, vm: RegisteredVM) -> None:
-        command = self.backend.power_on_command(vm)
+        args = self.backend.power_on_args(vm)
+        command = self._command(self.backend.power_on, args, "on")
         result = await self.inventory.run(command, self.backend.power_on_timeout)
         if result.status != 0:
             raise LinkError(self.name, "inventory", f"power-on failed: {_tail(result)}")
+
+    async def hold_off(self, vmid: str, timeout: float) -> str:
+        """The HA hold-off's answer (Proxmox), over the fence lane: the kill is confirmed."""
+        if self.backend.hold_off is None:
+            raise LinkError(self.name, "fence", f"{self.backend.kind} hosts have no HA hold-off")
+        command = self._command(self.backend.hold_off, (vmid,), "hold-off")
+        return str((await self.fence.run(command, timeout)).output)
+
+    def _command(self, function: ShFunction, args: tuple[Arg, ...], verb: str) -> str:
+        """Shell text for a shell lane, or the same operation as a helper request."""
+        if self.mode == "shell":
+            return function.call(*args)
+        return host_helper.request(verb, function, args)
 
     def snapshot(self, inventory_at: float | None, vm_count: int) -> dict[str, Any]:
         fence = self.fence
@@ -191,6 +211,9 @@ class Host:
             if inventory_at is None
             else round(max(0.0, time.time() - inventory_at), 3),
             "vm_count": vm_count,
+            # "shell" or "helper"; the helper version the fence lane checked (helper mode, up).
+            "mode": self.mode,
+            "helper_version": fence.helper_version,
         }
 
 

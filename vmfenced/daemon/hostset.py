@@ -19,7 +19,7 @@ from vmfenced.backends import Backend
 from vmfenced.config import Config
 from vmfenced.daemon.host import Host, HostListener
 from vmfenced.daemon.inventory import InventoryService
-from vmfenced.daemon.link import KnownHosts
+from vmfenced.daemon.knownhosts import KnownHosts
 from vmfenced.daemon.reload_plan import ReloadPlan
 from vmfenced.daemon.vsphere import VSphereSession, read_password
 from vmfenced.daemon.vsphere_host import HybridHost, VSphereEntry, wire

@@ -1,7 +1,9 @@
 """One warm SSH shell per lane: framing, one command at a time, reconnect with capped backoff.
 
 A lane is one SSH connection carrying one long-lived `exec /bin/sh` channel (hardened ESXi
-allows one session per connection). Every command is framed by a per-command random end marker
+allows one session per connection), or, in helper mode, one `vmfenced-host` channel that
+takes requests instead of shell text and frames its answers the same way. Every command is
+framed by a per-command random end marker
 followed by its exit status, so output that happens to look like a marker cannot end a command
 early. A command that is interrupted for any reason (timeout, cancellation, lost connection)
 aborts the connection: the shell may still be running it, and its late output must never be read
@@ -16,13 +18,14 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncssh
 import structlog
 
+from vmfenced.backends.helper import HelperSpec, framed, request
 from vmfenced.config import HostConfig, SSHConfig
+from vmfenced.daemon.knownhosts import KnownHosts
 from vmfenced.errors import CommandTimeout, LinkDown, LinkError
 from vmfenced.model import LinkState
 
@@ -81,30 +84,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class KnownHosts:
-    """known_hosts files parsed once and shared by every lane, parsed again when they change.
-
-    asyncssh parses a path on every connection: with 200 hosts that is a quarter of the
-    daemon's start-up CPU (every lane parses every entry). Keyed by (mtime, size, inode), an
-    edited file is read again at the next connection, as when asyncssh read it each time.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[Path, tuple[tuple[int, int, int], asyncssh.SSHKnownHosts]] = {}
-
-    def get(self, path: Path) -> asyncssh.SSHKnownHosts | str:
-        try:
-            st = path.stat()
-        except OSError:
-            return str(path)  # asyncssh reports the missing file as it always did
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        cached = self._cache.get(path)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, asyncssh.read_known_hosts(str(path)))
-            self._cache[path] = cached
-        return cached[1]
-
-
 class Lane:
     def __init__(
         self,
@@ -117,6 +96,7 @@ class Lane:
         on_change: StateListener,
         known_hosts: KnownHosts | None = None,
         keepalive_factor: float = 1.0,
+        helper: HelperSpec | None = None,
     ) -> None:
         self.host = host
         self.name = name
@@ -126,6 +106,9 @@ class Lane:
         self.rtt: float | None = None
         self.ssh = ssh
         self._setup = setup
+        self.helper = helper
+        # The version the host's helper answered at this connection (helper mode only).
+        self.helper_version: str | None = None
         self._client_keys = client_keys
         self._on_change = on_change
         self._known_hosts = known_hosts or KnownHosts()
@@ -225,9 +208,11 @@ class Lane:
             client_factory=lambda: client,
             local_addr=() if source is None else (source, 0),
         )
+        # An exec request, not a PTY shell: ESXi logs idle interactive shells out. A key bound
+        # to the helper runs it whatever is asked; the helper refuses any other command.
+        command = "exec /bin/sh" if self.helper is None else "vmfenced-host"
         try:
-            # An exec request, not a PTY shell: ESXi logs idle interactive shells out.
-            proc = await conn.create_process("exec /bin/sh", encoding=None, stderr=asyncssh.STDOUT)
+            proc = await conn.create_process(command, encoding=None, stderr=asyncssh.STDOUT)
         except BaseException:
             conn.abort()
             raise
@@ -235,7 +220,27 @@ class Lane:
         self.connected_address = address
         self._buffer.clear()
         self._broken = None
-        await self._exchange(self._setup, self.ssh.connect_timeout)
+        self.helper_version = None
+        if self.helper is None:
+            await self._exchange(self._setup, self.ssh.connect_timeout)
+        else:
+            await self._handshake(self.helper)
+
+    async def _handshake(self, helper: HelperSpec) -> None:
+        """`hello`: the host must run the helper of this kind, version and libvirt URI (or
+        Proxmox node); any other answer is the lane's `down` reason."""
+        try:
+            output, _status = await self._exchange(
+                request("hello", None, (helper.version,)), self.ssh.connect_timeout
+            )
+        except LinkError as exc:
+            raise LinkError(
+                self.host.name, self.name, f"no vmfenced-host answered: {exc.reason}"
+            ) from None
+        reason = helper.refusal(output)
+        if reason is not None:
+            raise LinkError(self.host.name, self.name, reason)
+        self.helper_version = helper.version
 
     def abort(self, reason: str) -> None:
         """Drop the connection; the supervisor reconnects."""
@@ -348,17 +353,23 @@ class Lane:
             raise LinkDown(self.host.name, self.name, self._broken or "not connected")
         token = secrets.token_hex(8)
         marker = f"\n:vmf-end:{token}:".encode()
-        # stdin from /dev/null: a command must never eat the shell's own input (the next
-        # commands). The group's status is printed after a newline so output without a final
-        # newline still ends cleanly.
-        framed = f"{{ {command}\n}} </dev/null 2>&1; printf '\\n:vmf-end:%s:%d\\n' {token} \"$?\"\n"
+        if self.helper is not None:
+            # A request line; the helper frames its answer as the shell framing below does.
+            text = framed(token, command)
+        else:
+            # stdin from /dev/null: a command must never eat the shell's own input (the next
+            # commands). The group's status is printed after a newline so output without a
+            # final newline still ends cleanly.
+            text = (
+                f"{{ {command}\n}} </dev/null 2>&1; printf '\\n:vmf-end:%s:%d\\n' {token} \"$?\"\n"
+            )
         done = False
         try:
             async with asyncio.timeout(timeout):
                 if self._buffer:
                     self._log.warning("discarding stray output", size=len(self._buffer))
                     self._buffer.clear()
-                proc.stdin.write(framed.encode())
+                proc.stdin.write(text.encode())
                 output, status = await self._read_until(proc, marker)
             done = True
         except (OSError, asyncssh.Error, EOFError) as exc:
