@@ -39,10 +39,20 @@ class Spy:
         argv = ["py-spy", "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking"]
         self.proc = subprocess.Popen(
             [*argv, "--format", "raw", "-o", str(raw)],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         self.raw = raw
+        # py-spy says (on stdout) that it samples once it has attached; a SIGINT before that
+        # ends it without writing anything (a short --quick phase on a busy machine lost that
+        # race).
+        assert self.proc.stdout is not None
+        seen = b""
+        while b"Sampling process" not in seen:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"py-spy ended before sampling: {seen.decode(errors='replace')}")
+            seen += line
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
