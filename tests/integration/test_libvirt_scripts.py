@@ -225,6 +225,10 @@ def test_pidfile_listing_doubts(run: Run, tmp_path: Path) -> None:
     assert (result.returncode, result.stdout) == (0, "vmf:end\n")
     (run_dir / "vm1.pid").write_text("")  # being written: cannot tell
     assert run(lv.pidfile_listing(str(run_dir))).returncode == 3
+    # /proc/0123 does not exist: a leading zero would read a running VM as gone.
+    (run_dir / "vm1.pid").write_text("0123")
+    result = run(lv.pidfile_listing(str(run_dir)))
+    assert (result.returncode, result.stdout) == (3, f"vmf:doubt bad pid file {run_dir}/vm1.pid\n")
     (run_dir / "vm1.pid").write_text("84")
     # Another libvirtd than the system one: its pid files are elsewhere.
     assert run(lv.pidfile_listing(str(run_dir)), uri="qemu:///session").returncode == 3

@@ -203,13 +203,7 @@ def pidfile_function(run_dir: str = RUN_DIR) -> ShFunction:
   set --
   for vmf_f in {run}/*.pid; do
     [ -e "$vmf_f" ] || continue
-    vmf_v=
-    {{ read -r vmf_v < "$vmf_f"; }} 2>/dev/null
-    case $vmf_v in
-      ''|*[!0-9]*) [ -e "$vmf_f" ] && {{ echo "vmf:doubt bad pid file $vmf_f"; return 3; }}
-        continue;;
-    esac
-    vmf_n=${{vmf_f##*/}}
+{procfs.READ_PID_FILE}    vmf_n=${{vmf_f##*/}}
     set -- "$@" "$vmf_v" "${{vmf_n%.pid}}"
   done
   awk {shlex.quote(_AWK_PIDFILES)} "$@"

@@ -23,6 +23,17 @@ from vmfenced.errors import ParseError
 # Builtin checks of a killed PID before the host-side wait starts paying for `sleep`.
 SPIN = 200
 
+# Inside a `for vmf_f in DIR/*.pid` loop of a listing function: the PID in "$vmf_f" into vmf_v,
+# or a doubt (return 3). A file gone meanwhile is skipped (its VM stopped). A leading zero
+# would name no /proc entry: a running VM read as gone, so it is a doubt too.
+READ_PID_FILE = """    vmf_v=
+    { read -r vmf_v < "$vmf_f"; } 2>/dev/null
+    case $vmf_v in
+      ''|*[!0-9]*|0*) [ -e "$vmf_f" ] && { echo "vmf:doubt bad pid file $vmf_f"; return 3; }
+        continue;;
+    esac
+"""
+
 # vmf_args fills A[] with a process's argv and returns its length, -1 when unreadable; vmf_stat
 # fills S[] with the fields after "(comm) " (S[1] state, S[7] flags, S[18] num_threads, S[20]
 # starttime), sets C to comm and returns 0 when the process is gone; vmf_opt returns the argument

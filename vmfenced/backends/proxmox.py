@@ -128,14 +128,7 @@ def pidfile_function(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> ShFuncti
   set --
   for vmf_f in {run}/*.pid; do
     [ -e "$vmf_f" ] || continue
-    vmf_v=
-    {{ read -r vmf_v < "$vmf_f"; }} 2>/dev/null
-    # A leading zero would name no /proc entry: a running VM read as gone.
-    case $vmf_v in
-      ''|*[!0-9]*|0*) [ -e "$vmf_f" ] && {{ echo "vmf:doubt bad pid file $vmf_f"; return 3; }}
-        continue;;
-    esac
-    vmf_i=${{vmf_f##*/}}; vmf_i=${{vmf_i%.pid}}
+{procfs.READ_PID_FILE}    vmf_i=${{vmf_f##*/}}; vmf_i=${{vmf_i%.pid}}
     case $vmf_i in
       ''|*[!0-9]*|0*) echo "vmf:doubt a pid file not named after a VMID: $vmf_f"; return 3;;
     esac

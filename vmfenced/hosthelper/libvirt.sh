@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-a7fe6c47acb2bf14 for libvirt hosts: the only things vmfenced's key may do
+# vmfenced-host 1-293af6191cf36bea for libvirt hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind libvirt`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-a7fe6c47acb2bf14
+VMF_VERSION=1-293af6191cf36bea
 VMF_KIND=libvirt
 LIBVIRT_DEFAULT_URI=@VMFENCED_LIBVIRT_URI@; export LIBVIRT_DEFAULT_URI; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
@@ -69,7 +69,7 @@ vmf_ls() {
     vmf_v=
     { read -r vmf_v < "$vmf_f"; } 2>/dev/null
     case $vmf_v in
-      ''|*[!0-9]*) [ -e "$vmf_f" ] && { echo "vmf:doubt bad pid file $vmf_f"; return 3; }
+      ''|*[!0-9]*|0*) [ -e "$vmf_f" ] && { echo "vmf:doubt bad pid file $vmf_f"; return 3; }
         continue;;
     esac
     vmf_n=${vmf_f##*/}

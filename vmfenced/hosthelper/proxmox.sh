@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-fef2e2ca61d684e6 for proxmox hosts: the only things vmfenced's key may do
+# vmfenced-host 1-ffbbaa4818bb2d52 for proxmox hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind proxmox`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-fef2e2ca61d684e6
+VMF_VERSION=1-ffbbaa4818bb2d52
 VMF_KIND=proxmox
 VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; export VMF_PVE_NODE; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
@@ -70,7 +70,6 @@ vmf_pl() {
     [ -e "$vmf_f" ] || continue
     vmf_v=
     { read -r vmf_v < "$vmf_f"; } 2>/dev/null
-    # A leading zero would name no /proc entry: a running VM read as gone.
     case $vmf_v in
       ''|*[!0-9]*|0*) [ -e "$vmf_f" ] && { echo "vmf:doubt bad pid file $vmf_f"; return 3; }
         continue;;
