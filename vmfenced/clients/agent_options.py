@@ -10,6 +10,7 @@ import re
 from vmfenced.clients.agent_metadata import ACTIONS, PARAMS, Param
 from vmfenced.clients.client import vm_name_problem
 from vmfenced.clients.records import Record
+from vmfenced.clients.text import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing would cost every agent call its import time; only mypy needs it
@@ -79,7 +80,7 @@ class Options(Record):
 
 def one_line(text: str, limit: int = 400) -> str:
     """`text` made safe for a one-line log message: control characters escaped, bounded."""
-    safe = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
+    safe = printable(text[:limit])
     return safe + ("..." if len(text) > limit else "")
 
 

@@ -38,6 +38,7 @@ from vmfenced.clients.ctl_proxmox import render_missing_nodes
 from vmfenced.clients.ctl_vsphere import fence_paths, render_warnings
 from vmfenced.clients.process import exit_with
 from vmfenced.clients.records import JournalInfo
+from vmfenced.clients.text import printable
 from vmfenced.wire import MAX_HISTORY
 
 TYPE_CHECKING = False
@@ -144,8 +145,7 @@ def parse_since(text: str, now: float) -> float:
 
 def _clean(text: object) -> str:
     """A table cell: control characters escaped so one VM name cannot forge lines."""
-    value = "-" if text is None else str(text)
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value) or "-"
+    return printable("-" if text is None else str(text)) or "-"
 
 
 def format_age(seconds: float | None) -> str:

@@ -4,15 +4,10 @@ from the configuration, and the HA stack's answer after a fence."""
 from __future__ import annotations
 
 from vmfenced.clients.records import MissingNode
+from vmfenced.clients.text import printable
 
 # How many VMIDs a missing node's line names before it says "and N more".
 SHOWN_VMIDS = 10
-
-
-def _printable(text: str) -> str:
-    # Node names and VMIDs come from the cluster filesystem: a control character must not
-    # forge a line of the report.
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def render_missing_nodes(nodes: tuple[MissingNode, ...]) -> str:
@@ -24,9 +19,9 @@ def render_missing_nodes(nodes: tuple[MissingNode, ...]) -> str:
         "unseen, so off, status and on of them fail until the node is added as a host:"
     ]
     for node in nodes:
-        shown = ", ".join(_printable(v) for v in node.vms[:SHOWN_VMIDS])
+        shown = ", ".join(printable(v) for v in node.vms[:SHOWN_VMIDS])
         more = len(node.vms) - SHOWN_VMIDS
         if more > 0:
             shown += f" and {more} more"
-        lines.append(f"  {_printable(node.node)}: VMID {shown}")
+        lines.append(f"  {printable(node.node)}: VMID {shown}")
     return "\n".join(lines) + "\n"

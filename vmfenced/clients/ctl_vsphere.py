@@ -6,11 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vmfenced.clients.records import HostInfo, VmInfo
-
-
-def _printable(text: str) -> str:
-    # Names come from vCenter: a control character must not forge a line of the report.
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+from vmfenced.clients.text import printable
 
 
 def fence_paths(hosts: Sequence[HostInfo], vms: Sequence[VmInfo]) -> list[str] | None:
@@ -31,5 +27,5 @@ def fence_paths(hosts: Sequence[HostInfo], vms: Sequence[VmInfo]) -> list[str] |
 
 
 def render_warnings(hosts: Sequence[HostInfo]) -> str:
-    lines = [f"warning: {_printable(h.name)}: {_printable(w)}" for h in hosts for w in h.warnings]
+    lines = [f"warning: {printable(h.name)}: {printable(w)}" for h in hosts for w in h.warnings]
     return "".join(f"{line}\n" for line in lines)
