@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,16 @@ pytestmark = pytest.mark.integration
 
 # A runner of a script under dash (the fixture run) and the processes a test started.
 Run = Callable[..., subprocess.CompletedProcess[str]]
-Procs = list[subprocess.Popen[bytes]]
+
+
+class Procs(list[subprocess.Popen[bytes]]):
+    """The processes a test started; `qemu`: the Python that stands in for qemu, started through
+    a link named like qemu's binary so that its comm is a qemu's (the guard checks it)."""
+
+    def __init__(self, qemu: Path) -> None:
+        super().__init__()
+        self.qemu = qemu
+
 
 AWKS = [a for a in ("gawk", "mawk") if shutil.which(a)]
 needs_shell = pytest.mark.skipif(
@@ -37,8 +47,11 @@ needs_shell = pytest.mark.skipif(
 
 
 @pytest.fixture
-def procs() -> Iterator[Procs]:
-    started: Procs = []
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    qemu = tmp_path / "qemu-bin" / "qemu-system-x86_64"
+    qemu.parent.mkdir()
+    qemu.symlink_to(sys.executable)
+    started = Procs(qemu)
     yield started
     for proc in started:
         if proc.poll() is None:
@@ -70,6 +83,8 @@ def run(request: pytest.FixtureRequest, tmp_path: Path) -> Run:
 
 
 def start(procs: Procs, argv: list[str]) -> int:
+    if argv[0] == sys.executable:  # qemu_argv's stand-in: run it under a qemu's comm
+        argv = [str(procs.qemu), *argv[1:]]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     procs.append(proc)
     return proc.pid
@@ -333,6 +348,19 @@ def test_guard_never_kills_another_domain(
 ) -> None:
     pid = launched(procs, qemu_argv(argv_name) if running else ["sleep", "600"])
     assert kill(run, target, pid) is KillOutcome.NOT_THAT_VM
+    assert alive(pid)
+
+
+@needs_shell
+def test_guard_never_kills_a_program_that_is_no_qemu(
+    run: Run, procs: Procs, tmp_path: Path
+) -> None:
+    """`-name vm1` on another program's command line (an Erlang node, `find`): not that VM,
+    whoever chose the PID (through the host helper, the requesting node does)."""
+    beam = tmp_path / "beam.smp"
+    beam.symlink_to(sys.executable)
+    pid = launched(procs, [str(beam), *qemu_argv(guest("vm1"))[1:]])
+    assert kill(run, "vm1", pid) is KillOutcome.NOT_THAT_VM
     assert alive(pid)
 
 

@@ -83,6 +83,21 @@ def test_ctl_prints_the_authorized_keys_line(tmp_path: Path) -> None:
         str(key),
     )
     assert out == f'restrict,command="/usr/local/sbin/vmfenced-host" {KEY}\n'
+    # ESX classic's OpenSSH 3/4 refuses a key line holding `restrict` (OpenSSH 7.2).
+    code, out, err = ctl(
+        "host-helper",
+        "--kind",
+        "esx-classic",
+        "--path",
+        "/opt/vmfenced-host",
+        "--public-key",
+        str(key),
+    )
+    assert (code, err) == (0, "")
+    assert out == (
+        "no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty,"
+        f'command="/opt/vmfenced-host" {KEY}\n'
+    )
 
 
 @pytest.mark.parametrize(

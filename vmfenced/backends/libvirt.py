@@ -169,7 +169,11 @@ BEGIN {
 
 # One process (PID in ARGV[1], name in ENVIRON["VMF_NAME"]): prints its starttime and exits
 # 10 when it is that domain's qemu, 11 gone or dead, 12 something else, 13 no verdict.
-_AWK_CHECK = procfs.check_awk(_AWK_LIB, 'vmf_guest(vmf_opt("-name")) == ENVIRON["VMF_NAME"]')
+# The comm must be a qemu's too: through the host helper the requester chooses the PID, and
+# other programs take `-name X` (an Erlang node's beam.smp, `find -name`).
+_AWK_CHECK = procfs.check_awk(
+    _AWK_LIB, 'vmf_qemu_comm() && vmf_guest(vmf_opt("-name")) == ENVIRON["VMF_NAME"]'
+)
 
 
 def setup(libvirt_uri: str) -> str:

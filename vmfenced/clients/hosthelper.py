@@ -65,6 +65,9 @@ def program(kind: str, libvirt_uri: str = DEFAULT_LIBVIRT_URI) -> str:
     return text.replace(URI_MARK, shlex.quote(libvirt_uri))
 
 
+_OLD_SSHD_OPTIONS = "no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty"
+
+
 def authorized_keys_line(path: str, public_key: str, kind: str = "libvirt") -> str:
     """`restrict,command="PATH" TYPE KEY COMMENT`: the key may run the helper and nothing
     else (no forwarding, no pty, no user rc). On ESXi the program is handed to /bin/sh
@@ -76,7 +79,10 @@ def authorized_keys_line(path: str, public_key: str, kind: str = "libvirt") -> s
     if len(words) < 2 or not _KEY_TYPES.match(words[0]) or not _BASE64.match(words[1]):
         raise HelperUsage("--public-key: not an OpenSSH public key line (TYPE BASE64 [COMMENT])")
     command = f"/bin/sh {path}" if kind == "esxi" else path
-    line = f'restrict,command="{command}" {words[0]} {words[1]}'
+    # `restrict` came with OpenSSH 7.2; ESX 3.x/4.x service consoles run OpenSSH 3/4, which
+    # refuse the whole key line for an option they do not know: name each restriction there.
+    options = _OLD_SSHD_OPTIONS if kind == "esx-classic" else "restrict"
+    line = f'{options},command="{command}" {words[0]} {words[1]}'
     comment = " ".join(words[2:])
     if comment and all(c.isprintable() and c != '"' for c in comment):
         line += f" {comment}"

@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-293af6191cf36bea for libvirt hosts: the only things vmfenced's key may do
+# vmfenced-host 1-44706a76822dffe5 for libvirt hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind libvirt`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-293af6191cf36bea
+VMF_VERSION=1-44706a76822dffe5
 VMF_KIND=libvirt
 LIBVIRT_DEFAULT_URI=@VMFENCED_LIBVIRT_URI@; export LIBVIRT_DEFAULT_URI; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
@@ -331,7 +331,7 @@ BEGIN {
     if (!vmf_stat(p) || vmf_dead()) exit 11
     exit 13
   }
-  if (!(vmf_guest(vmf_opt("-name")) == ENVIRON["VMF_NAME"])) exit 12
+  if (!(vmf_qemu_comm() && vmf_guest(vmf_opt("-name")) == ENVIRON["VMF_NAME"])) exit 12
   print S[20]
   exit 10
 }
