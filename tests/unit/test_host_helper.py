@@ -3,6 +3,7 @@ runs under dash and busybox ash (the shells of Linux hosts and of ESXi)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmfenced.backends import helper
+from vmfenced.backends import ShFunction, helper
 from vmfenced.backends.registry import BACKENDS
 from vmfenced.clients import hosthelper
 from vmfenced.clients.ctl import run as ctl_run
@@ -64,6 +65,17 @@ def test_the_program_embeds_the_shell_mode_functions(kind: str) -> None:
         backend.power_on,
     ):
         assert function.body in text
+
+
+def test_a_body_redefining_another_function_is_refused() -> None:
+    """All functions share one program in the helper: a body that redefined the prelude's
+    validators (or another body's function) would change what runs, unlike shell mode."""
+    backend = BACKENDS["libvirt"]
+    clash = ShFunction(
+        "vmf_on", backend.power_on.params, backend.power_on.body + "\nvmf_num() { :; }"
+    )
+    with pytest.raises(ValueError, match="defined twice: vmf_num"):
+        helper.template(dataclasses.replace(backend, power_on=clash))
 
 
 def test_ctl_prints_the_authorized_keys_line(tmp_path: Path) -> None:

@@ -201,6 +201,9 @@ def _ident(backend: Backend) -> str:
     return "-"
 
 
+_DEFINITION = re.compile(r"^ *([A-Za-z_][A-Za-z0-9_]*) *\(\) *\{", re.M)
+
+
 @cache
 def template(backend: Backend) -> str:
     """The helper of a kind, its libvirt URI still the placeholder `URI_MARK`."""
@@ -226,6 +229,12 @@ VMF_IDENT={_ident(backend)}
     body = "\n".join(f.body for f in functions)
     loop = _LOOP.replace("@MAX@", str(MAX_REQUEST))
     text = f"{head}{_PRELUDE}{body}\n{_dispatcher(backend)}{loop}"
+    # Shell mode defines each function afresh per command; here they all share one program, so a
+    # body redefining another's function, or the prelude's validators, would change what runs.
+    defined = _DEFINITION.findall(text)
+    twice = sorted({name for name in defined if defined.count(name) > 1})
+    if twice:
+        raise ValueError(f"{backend.kind} helper: functions defined twice: {', '.join(twice)}")
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return text.replace(VERSION_MARK, f"{PROTOCOL}-{digest}")
 
