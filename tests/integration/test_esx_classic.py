@@ -18,7 +18,10 @@ from vmflab import EsxClassicHost, Lab
 from vmflab.daemon import LabDaemon
 
 # Every test in both modes: through a shell and through vmfenced-host.
-pytestmark = [pytest.mark.integration, pytest.mark.parametrize("lab_mode", MODES)]
+pytestmark = pytest.mark.integration
+# Every fence runs in both modes; the tests that drive the backend's commands over the lab's
+# shell key (no daemon) run once.
+BOTH_MODES = pytest.mark.parametrize("lab_mode", MODES)
 
 ALIASES = {"gfs1": "node1", "gfs2": "node2"}
 
@@ -64,6 +67,7 @@ def test_backend_commands_on_real_vmware_vmx_processes(classic_lab: Lab) -> None
     assert sh(ec.kill_command(target, 1.0)).splitlines()[-1] == "vmf:not-running"
 
 
+@BOTH_MODES
 def test_off_kills_exactly_the_target(classic_lab: Lab) -> None:
     a, b = classic(classic_lab, "esx3a"), classic(classic_lab, "esx3b")
     target = a.start_vm("node1")
@@ -80,6 +84,7 @@ def test_off_kills_exactly_the_target(classic_lab: Lab) -> None:
         fenced(daemon, "node1", "already_off")
 
 
+@BOTH_MODES
 def test_reused_pid_is_never_killed(classic_lab: Lab) -> None:
     a = classic(classic_lab, "esx3a")
     old = a.start_vm("node1")
@@ -94,6 +99,7 @@ def test_reused_pid_is_never_killed(classic_lab: Lab) -> None:
         assert '"outcome": "not-that-vm"' in daemon.log()
 
 
+@BOTH_MODES
 def test_on_uses_vmware_cmd(classic_lab: Lab) -> None:
     b = classic(classic_lab, "esx3b")
     b.create_vm("node2")

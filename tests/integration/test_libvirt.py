@@ -24,7 +24,10 @@ from vmflab import Lab, LibvirtHost
 from vmflab.daemon import LabDaemon
 
 # Every test in both modes: through a shell and through vmfenced-host.
-pytestmark = [pytest.mark.integration, pytest.mark.parametrize("lab_mode", MODES)]
+pytestmark = pytest.mark.integration
+# Every fence runs in both modes; the tests that drive the backend's commands over the lab's
+# shell key (no daemon) run once.
+BOTH_MODES = pytest.mark.parametrize("lab_mode", MODES)
 
 ALIASES = {"node1": "vm1", "node2": "vm2"}
 
@@ -34,6 +37,7 @@ def shut_off(host: LibvirtHost, name: str) -> bool:
     return wait_for(lambda: host.domstate(name).startswith("shut off"))
 
 
+@BOTH_MODES
 def test_off_kills_the_real_qemu_and_only_it(kvm_lab: Lab) -> None:
     kvm1, kvm2 = kvm_lab.libvirt["kvm1"], kvm_lab.libvirt["kvm2"]
     target = kvm1.start_vm("vm1")
@@ -75,6 +79,7 @@ def test_listings_and_guard_on_real_qemu(kvm_lab: Lab) -> None:
     assert kvm1.domstate("vm10") == "running"
 
 
+@BOTH_MODES
 def test_vm_moved_to_another_host_is_fenced_where_it_runs(kvm_lab: Lab) -> None:
     kvm1, kvm2 = kvm_lab.libvirt["kvm1"], kvm_lab.libvirt["kvm2"]
     uuid = kvm1.define_vm("vm1")
@@ -108,6 +113,7 @@ def test_vm_moved_to_another_host_is_fenced_where_it_runs(kvm_lab: Lab) -> None:
     ],
     ids=["other-domain", "other-program"],
 )
+@BOTH_MODES
 def test_reused_pid_is_never_killed(kvm_lab: Lab, intruder: list[str]) -> None:
     kvm1 = kvm_lab.libvirt["kvm1"]
     old = kvm1.start_vm("vm1")
@@ -119,6 +125,7 @@ def test_reused_pid_is_never_killed(kvm_lab: Lab, intruder: list[str]) -> None:
         assert kvm1.pid_alive(pid)
 
 
+@BOTH_MODES
 def test_on_and_reboot_give_a_new_qemu(kvm_lab: Lab) -> None:
     kvm2 = kvm_lab.libvirt["kvm2"]
     kvm2.define_vm("vm2")
@@ -130,6 +137,7 @@ def test_on_and_reboot_give_a_new_qemu(kvm_lab: Lab) -> None:
         assert kvm2.domstate("vm2") == "running"
 
 
+@BOTH_MODES
 def test_vm_status_is_live(kvm_lab: Lab) -> None:
     kvm1 = kvm_lab.libvirt["kvm1"]
     pid = kvm1.start_vm("vm1")
@@ -141,6 +149,7 @@ def test_vm_status_is_live(kvm_lab: Lab) -> None:
         assert off["result"]["state"] == "off", off
 
 
+@BOTH_MODES
 def test_dead_libvirt_host_fails_the_fence(kvm_lab: Lab) -> None:
     kvm2 = kvm_lab.libvirt["kvm2"]
     vm = kvm2.start_vm("vm2")
@@ -149,6 +158,7 @@ def test_dead_libvirt_host_fails_the_fence(kvm_lab: Lab) -> None:
         check_host_back(daemon, kvm2, "node2", vm)
 
 
+@BOTH_MODES
 def test_mixed_esxi_and_libvirt_hosts(kvm_lab: Lab) -> None:
     esx1, kvm1 = kvm_lab.hosts["esx1"], kvm_lab.libvirt["kvm1"]
     cartel = esx1.start_vm("esx-vm")
