@@ -79,6 +79,10 @@ class Backend:
     # Shell mode's setup when it needs more of the host's entry than the libvirt URI (Proxmox:
     # the node name); the helper's setup stays `setup`, fixed when the program is printed.
     host_setup: Callable[[HostConfig], str] | None = None
+    # Who a host of this kind is, as its helper answers `hello` and the daemon checks it: the
+    # libvirt URI its setup fixes, the Proxmox node its setup reads from the hostname, or
+    # nothing ("-").
+    ident: Literal["libvirt-uri", "pve-node"] | None = None
 
     def session_setup(self, host: HostConfig) -> str:
         if self.host_setup is not None:

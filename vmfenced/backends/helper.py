@@ -193,10 +193,9 @@ def _dispatcher(backend: Backend) -> str:
 def _ident(backend: Backend) -> str:
     """The variable the setup of this kind sets, never one a client's environment could
     bring to a kind whose setup does not set it."""
-    setup = backend.setup(URI_MARK)
-    if "LIBVIRT_DEFAULT_URI" in setup:
+    if backend.ident == "libvirt-uri":
         return '"$LIBVIRT_DEFAULT_URI"'
-    if "VMF_PVE_NODE" in setup:
+    if backend.ident == "pve-node":
         return '"${VMF_PVE_NODE:--}"'
     return "-"
 
@@ -289,10 +288,9 @@ class HelperSpec:
 
 def spec(backend: Backend, libvirt_uri: str, node: str | None = None) -> HelperSpec:
     """`node`: a Proxmox host's node name (`HostConfig.node`), checked in the handshake."""
-    setup = backend.setup(URI_MARK)
-    if "LIBVIRT_DEFAULT_URI" in setup:
+    if backend.ident == "libvirt-uri":
         return HelperSpec(backend.kind, version(backend), libvirt_uri)
-    if "VMF_PVE_NODE" in setup and node is not None:
+    if backend.ident == "pve-node" and node is not None:
         return HelperSpec(backend.kind, version(backend), node)
     return HelperSpec(backend.kind, version(backend), "-")
 

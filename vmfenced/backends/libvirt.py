@@ -347,4 +347,5 @@ BACKEND = Backend(
     power_on=POWER_ON,
     power_on_args=power_on_args,
     power_on_timeout=60,
+    ident="libvirt-uri",
 )

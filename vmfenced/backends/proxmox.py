@@ -201,6 +201,7 @@ BACKEND = Backend(
     kind="proxmox",
     setup=setup,
     host_setup=session_setup,
+    ident="pve-node",
     listings=(Listing(pidfile_function(), parse_vm_lines),),
     registered=registered_function(),
     parse_registered=parse_registered,
