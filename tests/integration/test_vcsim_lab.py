@@ -83,12 +83,16 @@ def test_method_delay_slows_that_method_only(vcsim_build: VcsimBuild) -> None:
 
 def test_a_binary_that_never_answers_is_stopped(tmp_path: Path, vcsim_build: VcsimBuild) -> None:
     fake = tmp_path / "vcsim"
-    fake.write_text("#!/bin/sh\necho not-an-address\nexec sleep 60\n")
+    pid_file = tmp_path / "pid"
+    # exec keeps the shell's PID: the one written is the process that must be gone.
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\necho not-an-address\nexec sleep 60\n")
     fake.chmod(0o755)
     sim = Vcsim(VcsimBuild(fake, vcsim_build.wsdl_dir, "fake"))
     with pytest.raises(LabError, match="not its address"):
         sim.start()
     assert sim.process is None
+    # Stopped and reaped: no /proc entry left, not even a zombie.
+    assert not Path(f"/proc/{int(pid_file.read_text())}").exists()
 
 
 def test_fence_vmware_soap_against_the_wsdl_lab(vcsim_build: VcsimBuild) -> None:

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from tests.integration.vcsim_fixtures import Actor, actor, password_file, vcsim, vcsim_build
 from vmfenced.config import HostConfig
-from vmfenced.daemon import vsphere_fence
+from vmfenced.daemon import vsphere, vsphere_fence
 from vmfenced.daemon.verdict import Step
 from vmfenced.daemon.vsphere import VSphereSession, read_password
 from vmfenced.model import LinkState
@@ -273,9 +273,33 @@ async def test_slow_power_off_does_not_stall_the_map(
                 if act.vm("DC0_C0_RP0_VM0").runtime.host.name != "DC0_C0_H2"
                 else "DC0_C0_H0",
             )
+            loop = asyncio.get_running_loop()
+            fence_done: list[float] = []
+            fence.add_done_callback(lambda _task: fence_done.append(loop.time()))
             target = act.vm("DC0_C0_RP0_VM0").runtime.host.name
             await until(lambda: host_of(one, "DC0_C0_RP0_VM0") == target)
-            assert not fence.done()
+            map_saw_it = loop.time()
             assert (await fence).step is Step.KILLED
+            # The map showed the move before the slow power-off's fence ended.
+            assert map_saw_it < fence_done[0]
         finally:
             await stopped(one, task)
+
+
+@pytest.mark.asyncio
+async def test_a_call_timeout_shorter_than_the_watch_wait_keeps_the_session(
+    vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fence_timeout is every call's socket timeout; a quiet WaitForUpdatesEx lasts
+    WATCH_WAIT_S. The watcher's own stub waits longer: quiet rounds end normally instead of
+    timing out and logging in again and again."""
+    monkeypatch.setattr(vsphere, "WATCH_WAIT_S", 2)
+    one = VSphereSession(host_config(vcsim.port, tmp_path), "pass", call_timeout=1)
+    task = asyncio.create_task(one.supervise())
+    try:
+        assert await one.wait_up(WAIT_S), one.reason
+        # The first round answers at once (the whole inventory); the next two are quiet.
+        await until(lambda: one.watch_rounds >= 3)
+        assert (one.logins, one.state) == (1, LinkState.UP), one.reason
+    finally:
+        await stopped(one, task)

@@ -81,8 +81,35 @@ def test_vm_on_a_disconnected_host_fails_with_the_reason(state: str) -> None:
 
 def test_a_disconnected_host_without_the_vm_does_not_block() -> None:
     lost = HostRecord("host-2", "esx-02", "disconnected")
-    the_views = views("vc1", inv(vm("vm-1"), hosts=(H1, lost)), "node1")
+    # Its listing from when it was last connected did not show the VM.
+    the_views = views("vc1", inv(vm("vm-1"), hosts=(H1, lost)), "node1", {"host-2": ()})
     assert decide_off("node1", the_views).step is Step.KILL
+
+
+def test_a_disconnected_host_never_seen_connected_blocks() -> None:
+    lost = HostRecord("host-2", "esx-02", "disconnected")
+    the_views = views("vc1", inv(vm("vm-1"), hosts=(H1, lost)), "node1")
+    decision = decide_off("node1", the_views)
+    assert decision.step is Step.FAIL and decision.host == "vc1/esx-02"
+
+
+def test_vcenter_moving_a_lost_hosts_vm_does_not_clear_that_host() -> None:
+    """vSphere HA re-registers an isolated host's VM elsewhere: vCenter no longer places it
+    on the lost host, where it may still run. Its listing from when it was connected says
+    it ran there: the fence fails instead of answering already off."""
+    lost = HostRecord("host-2", "esx-02", "notResponding")
+    before = {"host-2": (running(vm("vm-1", host="host-2")),)}
+    moved = inv(vm("vm-1", "poweredOff", host="host-1"), hosts=(H1, lost))
+    decision = decide_off("node1", views("vc1", moved, "node1", before))
+    assert decision.step is Step.FAIL and decision.host == "vc1/esx-02"
+    assert "latest listing placed" in decision.reason
+
+
+def test_a_running_vm_of_another_name_without_a_host_is_a_doubt() -> None:
+    # It may be this VM under another name (renamed): no host's listing is complete.
+    read = inv(vm("vm-1", "poweredOff"), vm("vm-2", host=None, name="other"))
+    decision = decide_off("node1", views("vc1", read, "node1"))
+    assert decision.step is Step.FAIL and "no host" in decision.reason
 
 
 def test_off_everywhere_with_a_disconnected_host_cannot_say_off() -> None:

@@ -22,7 +22,7 @@ from vmfenced.daemon.inventory import InventoryService
 from vmfenced.daemon.knownhosts import KnownHosts
 from vmfenced.daemon.reload_plan import ReloadPlan
 from vmfenced.daemon.vsphere import VSphereSession, read_password
-from vmfenced.daemon.vsphere_host import HybridHost, VSphereEntry, wire
+from vmfenced.daemon.vsphere_host import ApiHost, HybridHost, PendingHost, VSphereEntry, wire
 from vmfenced.model import VMMap
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
@@ -58,6 +58,9 @@ class HostSet:
         self._entries: dict[str, VSphereEntry] = {}
         self._api_names: dict[str, set[str]] = {}
         self._api_tasks: dict[VSphereEntry, asyncio.Task[None]] = {}
+        # A reload's replacement of an entry whose session had no map yet: the old entry
+        # serves until it has (then `_vsphere_changed` swaps them).
+        self._pending: dict[str, VSphereEntry] = {}
 
     # -- building and running ------------------------------------------------------------------
 
@@ -108,7 +111,9 @@ class HostSet:
         """A session per vsphere entry, supervised like a lane (it logs in again by itself)."""
         for host in config.hosts:
             if host.kind == "vsphere" and host.name not in self._entries:
-                self._entries[host.name] = self._session(config, host.name)
+                entry = self._session(config, host.name)
+                self._entries[host.name] = entry
+                self._vsphere_changed(entry.session)  # its PendingHost until the first map
 
     def _session(self, config: Config, name: str) -> VSphereEntry:
         """A started session for that entry; it serves once it is in `_entries`."""
@@ -149,9 +154,17 @@ class HostSet:
         """The session's map changed: its hosts in `hosts` and their VMs in the map, in one
         synchronous step. A vCenter host an SSH entry maps (vsphere_name) is one HybridHost
         under the SSH entry's name: the verdict sees one machine once."""
+        pending = self._pending.get(session.name)
+        if pending is not None and pending.session is session and session.inventory is not None:
+            # A reload's replacement for this entry has its first map: it takes over now.
+            del self._pending[session.name]
+            old = self._take_out(session.name)
+            if old is not None:
+                self._spawn(self._close_entry(old), f"{old.name}-vsphere-close")
+            self._entries[session.name] = pending
         entry = self._entries.get(session.name)
         inventory = session.inventory
-        if entry is None or entry.session is not session or inventory is None:
+        if entry is None or entry.session is not session:
             return
         # `hosts` holds HybridHosts and ApiHosts as Hosts (cast below): look at them as they are.
         live: dict[str, object] = dict(self.hosts)
@@ -177,12 +190,24 @@ class HostSet:
                     and current.api.moref == host.api.moref
                 ):
                     self.hosts[name] = cast(Host, host)
-            elif current is None:
+            elif isinstance(host, PendingHost):
+                if not (isinstance(current, PendingHost) and current.entry is entry):
+                    self.hosts[name] = cast(Host, host)
+            elif not (
+                isinstance(current, ApiHost)
+                and current.entry is entry
+                and current.moref == host.moref
+            ):
+                if current is not None:
+                    # Another HostSystem under that name now (removed and added again):
+                    # what the old one listed is no belief of this one.
+                    self._map.forget(name)
                 # An ApiHost answers every call the fencer, the API and the metrics make of
                 # a Host (vmfenced.daemon.vsphere_host).
                 self.hosts[name] = cast(Host, host)
         self._api_names[entry.name] = set(wanted)
-        entry.feed(self._map, inventory, time.time(), skip=set(mapped))
+        if inventory is not None:
+            entry.feed(self._map, inventory, time.time(), skip=set(mapped))
 
     def _rewire(self) -> None:
         for entry in self._entries.values():
@@ -287,10 +312,26 @@ class HostSet:
             raise
         # From here to the return: no await, so nothing runs between the old and new set.
         leaving = [*plan.replaced, *plan.removed]
-        for entry in filter(None, map(self._take_out, [n for n in leaving if n in self._entries])):
+        for name in leaving:
+            # A replacement still waiting for its first map is replaced (or removed) again.
+            stale = self._pending.pop(name, None)
+            if stale is not None:
+                self._spawn(self._close_entry(stale), f"{name}-vsphere-close")
+        for name, entry in sessions.items():
+            if name in self._entries and entry.session.inventory is None:
+                # A replaced entry keeps its hosts until its replacement has mapped: a
+                # replacement without a map knows no host (`_vsphere_changed` swaps them).
+                self._pending[name] = entry
+        kept = set(self._pending)
+        for entry in filter(
+            None, map(self._take_out, [n for n in leaving if n in self._entries and n not in kept])
+        ):
             self._spawn(self._close_entry(entry), f"{entry.name}-vsphere-close")
-        self._entries.update(sessions)
-        ssh_leaving = [n for n in leaving if n in self.hosts]
+        self._entries.update({n: e for n, e in sessions.items() if n not in kept})
+        live: dict[str, object] = dict(self.hosts)
+        ssh_leaving = [
+            n for n in leaving if n in live and not isinstance(live[n], (ApiHost, PendingHost))
+        ]
         out = [_ssh(self.hosts[name]) for name in ssh_leaving]
         for host in out:
             self._tasks[host] = self._stop(host)

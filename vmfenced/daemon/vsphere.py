@@ -29,6 +29,7 @@ import structlog
 from vmfenced.config import HostConfig
 from vmfenced.daemon.vsphere_calls import (
     SmartStubAdapter,
+    SoapStubAdapter,
     apply_change,
     container_view,
     describe,
@@ -88,6 +89,7 @@ class VSphereSession:
         self.inventory: Inventory | None = None
         self.map_at: float | None = None
         self.logins = 0
+        self.watch_rounds = 0  # WaitForUpdatesEx calls answered (with news or none)
         self._si: Any = None
         self._content: Any = None
         self._view: Any = None
@@ -240,7 +242,12 @@ class VSphereSession:
             raise LinkError(
                 self.name, "api", f"{what}: no answer in {self.call_timeout} s"
             ) from None
-        except (vmodl.MethodFault, OSError) as exc:
+        except LinkError:
+            raise
+        except Exception as exc:
+            # A fault, a socket error, and anything else pyvmomi lets through (an
+            # http.client.HTTPException, a malformed answer): a clean failure of this call,
+            # never a crash of the request.
             raise LinkError(self.name, "api", f"{what}: {describe(exc)}") from None
 
     async def read(self) -> Inventory:
@@ -266,7 +273,26 @@ class VSphereSession:
         si = self._si
         if si is None:
             return
-        content = si.RetrieveContent()
+        # The session's own stub times out each request after call_timeout: a quiet
+        # WaitForUpdatesEx lasts WATCH_WAIT_S, so with a short fence_timeout it would time out
+        # and the session log in again and again. The watcher's stub shares the session (its
+        # cookie) with a timeout above the wait.
+        stub = SoapStubAdapter(
+            host=self.config.address,
+            port=self.config.port,
+            version=si._stub.version,
+            sslContext=ssl_context(self.config),
+            httpConnectionTimeout=WATCH_WAIT_S + self.call_timeout,
+            connectionPoolTimeout=-1,
+        )
+        stub.cookie = si._stub.cookie
+        try:
+            self._watch_with(loop, si, vim.ServiceInstance("ServiceInstance", stub))
+        finally:
+            stub.DropConnections()
+
+    def _watch_with(self, loop: asyncio.AbstractEventLoop, si: Any, watch_si: Any) -> None:
+        content = watch_si.RetrieveContent()
         collector = content.propertyCollector.CreatePropertyCollector()
         view = container_view(content, self.config.datacenter)
         collector.CreateFilter(filter_spec(view), partialUpdates=True)
@@ -277,6 +303,7 @@ class VSphereSession:
         try:
             while not self._closing.is_set() and self._si is si:
                 update = collector.WaitForUpdatesEx(version, options)
+                self.watch_rounds += 1
                 if update is None:
                     continue
                 version = update.version
@@ -289,10 +316,6 @@ class VSphereSession:
             if self._si is si:
                 with contextlib.suppress(Exception):
                     collector.Destroy()
-            else:
-                # The session was dropped meanwhile: this thread's pooled socket goes too.
-                with contextlib.suppress(Exception):
-                    si._stub.DropConnections()
 
     def _publish(self, inventory: Inventory) -> None:
         self.inventory = inventory

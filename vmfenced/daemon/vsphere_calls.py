@@ -14,6 +14,7 @@ from typing import Any
 
 import pyVim.connect
 import pyVmomi
+import pyVmomi.SoapAdapter
 
 from vmfenced.config import HostConfig
 from vmfenced.daemon.vsphere_views import HostRecord, Inventory, VMRecord
@@ -25,6 +26,7 @@ from vmfenced.errors import LinkError
 vim: Any = pyVmomi.vim
 vmodl: Any = pyVmomi.vmodl
 SmartStubAdapter: Any = pyVim.connect.SmartStubAdapter
+SoapStubAdapter: Any = pyVmomi.SoapAdapter.SoapStubAdapter
 Disconnect: Any = pyVim.connect.Disconnect
 
 VM_PROPS = ("name", "config.instanceUuid", "config.files.vmPathName", "runtime.powerState")

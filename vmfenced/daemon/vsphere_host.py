@@ -45,25 +45,34 @@ class VSphereEntry:
         except TimeoutError:
             raise LinkError(self.name, "api", f"no inventory read within {timeout:g} s") from None
 
-    def hosts(self) -> dict[str, ApiHost]:
-        """One ApiHost per HostSystem of the live map (empty until the first update)."""
+    def hosts(self) -> dict[str, ApiHost | PendingHost]:
+        """One ApiHost per HostSystem of the live map; until the first map, one PendingHost
+        named after the entry: the entry's hosts are unknown, so a fence must not answer as
+        if it had none (unknown_vm, which an agent may read as off)."""
         inventory = self.session.inventory
         if inventory is None:
-            return {}
+            return {self.name: PendingHost(self)}
         made = (ApiHost(self, record) for record in inventory.hosts.values())
         return {host.name: host for host in made}
 
     def feed(
         self, vmmap: VMMap, inventory: Inventory, at: float, skip: Collection[str] = ()
     ) -> None:
-        """vCenter's placement of every running VM, as each host's latest listing. A host
-        vCenter shows disconnected keeps vCenter's last word: a belief, never an answer.
+        """vCenter's placement of every running VM, as each connected host's latest listing.
+        A host vCenter does not show connected keeps its listing from when it was: vCenter's
+        belief of it changes (HA moves its VM objects) while its VMs may still run there.
+        While a running VM cannot be placed (vsphere_views.unplaced), no connected host has a
+        latest listing: the fence lists afresh, and fails on the doubt.
         `skip`: vCenter names of hosts an SSH entry maps (their own listings are the map's)."""
         for record in inventory.hosts.values():
-            if record.name in skip:
+            if record.name in skip or record.connection_state != "connected":
                 continue
             name = vsphere_views.view_name(self.name, record)
-            here = [v for v in inventory.vms.values() if v.host == record.moref]
+            try:
+                here = vsphere_views.host_listing(self.name, inventory, record.moref)
+            except ListingDoubt:
+                vmmap.forget(name)
+                continue
             running = tuple(
                 vsphere_views.running(v)
                 for v in here
@@ -71,6 +80,64 @@ class VSphereEntry:
             )
             vmmap.update_running(name, running, at)
             vmmap.update_registered(name, tuple(vsphere_views.registered(v) for v in here))
+
+
+class PendingHost:
+    """A vsphere entry before its session's first map: one host that is DOWN and lists
+    nothing (LinkDown), with no latest listing, so every fence fails "cannot confirm" until
+    the map names the entry's real hosts."""
+
+    def __init__(self, entry: VSphereEntry) -> None:
+        self.entry = entry
+        self.name = entry.name
+        self.backend = None
+        self.listing_problem: str | None = None
+        self.state = LinkState.DOWN
+        self.fence = ApiLane("api", lambda: LinkState.DOWN)
+        self.inventory = ApiLane("map", lambda: LinkState.DOWN)
+
+    @property
+    def config(self) -> HostConfig:
+        return self.entry.session.config
+
+    def _down(self) -> LinkDown:
+        session = self.entry.session
+        why = f"session {session.state.value}" + (f": {session.reason}" if session.reason else "")
+        return LinkDown(self.name, "api", f"no map of vCenter's hosts yet ({why})")
+
+    async def list_running(self, lane: Any, timeout: float) -> tuple[RunningVM, ...]:
+        raise self._down()
+
+    async def list_registered(
+        self, timeout: float, *, urgent: bool = False
+    ) -> tuple[RegisteredVM, ...]:
+        raise self._down()
+
+    async def kill_and_list(
+        self, vm: RunningVM, timeout: float
+    ) -> tuple[KillOutcome, tuple[RunningVM, ...] | None]:
+        raise self._down()  # never a target: it lists nothing
+
+    async def power_on(self, vm: RegisteredVM) -> None:
+        raise self._down()
+
+    def snapshot(self, inventory_at: float | None, vm_count: int) -> dict[str, Any]:
+        session = self.entry.session
+        return {
+            "name": self.name,
+            "address": session.config.address,
+            "port": session.config.port,
+            "kind": "vsphere",
+            "state": LinkState.DOWN.value,
+            "path": f"api:{self.entry.name}",
+            "since": session.since,
+            "reason": self._down().reason,
+            "listing_problem": None,
+            "lanes": {"api": session.state.value},
+            "warnings": session.warnings,
+            "inventory_age_s": None,
+            "vm_count": vm_count,
+        }
 
 
 class ApiLane:
@@ -118,28 +185,35 @@ class ApiHost:
         up = self.entry.session.state is LinkState.UP and self.entry.session.inventory is not None
         return LinkState.UP if up else LinkState.DOWN
 
-    def _mine(self, inventory: Inventory) -> list[vsphere_views.VMRecord]:
+    def _mine(self, inventory: Inventory) -> tuple[vsphere_views.VMRecord, ...]:
+        """Every VM the read places here; ListingDoubt while a running VM cannot be placed
+        (it may run here unseen), LinkDown while vCenter cannot reach this host."""
+        self._connected(inventory)
+        try:
+            here = vsphere_views.host_listing(self.entry.name, inventory, self.moref)
+        except ListingDoubt as exc:
+            self.listing_problem = exc.reason
+            raise ListingDoubt(self.name, "api", exc.reason) from None
+        self.listing_problem = None
+        return here
+
+    def _connected(self, inventory: Inventory) -> None:
+        """LinkDown unless vCenter shows this host connected (it answers nothing then)."""
         record = inventory.hosts.get(self.moref)
         if record is None:
             raise LinkDown(self.name, "api", "no longer in vCenter's inventory")
         if record.connection_state != "connected":
             raise LinkDown(self.name, "api", f"vCenter shows the host {record.connection_state}")
-        return [v for v in inventory.vms.values() if v.host == self.moref]
 
     async def _fresh(self, timeout: float) -> Inventory:
         return await self.entry.read(time.monotonic(), timeout)
 
     def _running(self, inventory: Inventory) -> tuple[RunningVM, ...]:
-        out = []
-        for vm in self._mine(inventory):
-            if vm.power_state not in vsphere_views.POWER_STATES or not vm.instance_uuid:
-                reason = f"{vm.moref}: power state {vm.power_state!r}, uuid {vm.instance_uuid!r}"
-                self.listing_problem = reason
-                raise ListingDoubt(self.name, "api", reason)
-            if vm.power_state in vsphere_views.RUNNING_STATES:
-                out.append(vsphere_views.running(vm))
-        self.listing_problem = None
-        return tuple(out)
+        return tuple(
+            vsphere_views.running(vm)
+            for vm in self._mine(inventory)
+            if vm.power_state in vsphere_views.RUNNING_STATES
+        )
 
     async def list_running(self, lane: Any, timeout: float) -> tuple[RunningVM, ...]:
         return self._running(await self._fresh(timeout))
@@ -160,7 +234,11 @@ class ApiHost:
         deadline = loop.time() + timeout
         # A fresh read, not the map: the map may not have seen a move yet, and the power-off
         # would then be reported on the wrong host (found by test_fencer_when_the_map_is_stale).
-        record = vsphere_views.find(await self._fresh(timeout), vm)
+        inventory = await self._fresh(timeout)
+        # A lost host's VMs are where vCenter last believed them (HA may have moved their
+        # objects while they still run there): not "not here", no answer.
+        self._connected(inventory)
+        record = vsphere_views.find(inventory, vm)
         if record is None or record.host != self.moref or record.instance_uuid is None:
             # Not here (moved, gone): the verdict searches again.
             return KillOutcome.NOT_RUNNING, None
@@ -182,6 +260,15 @@ class ApiHost:
         record = inventory.vms.get(vm.vmid)
         if record is None or record.host != self.moref or record.instance_uuid is None:
             raise LinkError(self.name, "api", f"{vm.vmid} is no longer registered here")
+        if (record.name, record.config_file) != (vm.name, vm.config_file):
+            # The moref names another VM now (renamed, or re-registered from another file):
+            # not the registration the verdict chose.
+            raise LinkError(
+                self.name,
+                "api",
+                f"{vm.vmid} is now {record.name!r} ({record.config_file}), not the "
+                f"registration chosen ({vm.name!r}, {vm.config_file}): not powered on",
+            )
         state = await self.entry.session.power_on(record.moref, record.instance_uuid)
         if state not in vsphere_views.RUNNING_STATES:
             raise LinkError(self.name, "api", f"{vm.name} is {state} after PowerOnVM_Task")
@@ -308,12 +395,17 @@ class HybridHost:
             await self.api.power_on(vm)
 
 
-def wire(entry: VSphereEntry, mapped: Mapping[str, Host]) -> dict[str, ApiHost | HybridHost]:
+def wire(
+    entry: VSphereEntry, mapped: Mapping[str, Host]
+) -> dict[str, ApiHost | HybridHost | PendingHost]:
     """The fencer's hosts for one vsphere entry: an ApiHost per vCenter host, except hosts an
     SSH entry maps (`mapped`: SSH hosts by their vsphere_name), which are one HybridHost
-    under the SSH entry's name."""
-    out: dict[str, ApiHost | HybridHost] = {}
+    under the SSH entry's name; before the first map, its PendingHost."""
+    out: dict[str, ApiHost | HybridHost | PendingHost] = {}
     for host in entry.hosts().values():
+        if isinstance(host, PendingHost):
+            out[host.name] = host
+            continue
         ssh = mapped.get(host.host_name)
         if ssh is None:
             out[host.name] = host
