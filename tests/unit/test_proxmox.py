@@ -74,12 +74,12 @@ def test_pve_node_only_for_proxmox_and_once() -> None:
 
 def test_listing_lines() -> None:
     vms = pve.parse_vm_lines(
-        "vmf:vm 4242 100 pve1 webmail\nvmf:vm 77 8006 - 8006\n"
+        "vmf:vm 4242 100 pve1 webmail\nvmf:vm 77 8006 pve1 vm8006\n"
         "vmf:vm 90 101 pve2 a 'quoted' \"name\" vmf:end\nvmf:end\n"
     )
     assert vms == (
         RunningVM("webmail", "/etc/pve/nodes/pve1/qemu-server/100.conf", 4242, vmid="100"),
-        RunningVM("8006", "", 77, vmid="8006"),
+        RunningVM("vm8006", "/etc/pve/nodes/pve1/qemu-server/8006.conf", 77, vmid="8006"),
         RunningVM(
             "a 'quoted' \"name\" vmf:end",
             "/etc/pve/nodes/pve2/qemu-server/101.conf",
@@ -87,6 +87,12 @@ def test_listing_lines() -> None:
             vmid="101",
         ),
     )
+
+
+def test_a_vm_without_a_config_node_is_not_a_listing_line() -> None:
+    """A VM listed under its VMID only would be unseen by a request naming it."""
+    with pytest.raises(ParseError):
+        pve.parse_vm_lines("vmf:vm 77 8006 - 8006\nvmf:end\n")
 
 
 @pytest.mark.parametrize("brk", LINE_BREAKS, ids=lambda c: f"U+{ord(c):04X}")

@@ -209,6 +209,14 @@ def test_a_vmid_configured_on_two_nodes_is_a_doubt(tree: Tree) -> None:
     assert status == 3 and "config on two nodes" in out
 
 
+def test_a_running_vmid_with_no_config_on_any_node_is_a_doubt(tree: Tree) -> None:
+    # The end of a live migration: the config left the source's directory after the glob
+    # looked at the target's. Listed under its VMID only, a request by name would not see it.
+    tree.kvm(100)
+    status, out = tree.listing()
+    assert status == 3 and "VMID 100 runs but has no config on any node (moving?)" in out, out
+
+
 def test_not_that_node_or_no_run_dir(tree: Tree) -> None:
     status, out = tree.listing(node="pve9")
     assert status == 3 and "not mounted or not that node" in out

@@ -48,12 +48,14 @@ from vmfenced.errors import ParseError
 from vmfenced.model import RunningVM
 
 _VM_LINE = re.compile(
-    rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<vmid>{VMID}) (?P<node>-|{NODE}) (?P<name>.+)$"
+    rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<vmid>{VMID}) (?P<node>{NODE}) (?P<name>.+)$"
 )
 
 # Argument triples "PID VMID NODE" (NODE: where the VM's config lives, "-" for none); prints one
 # `vmf:vm PID VMID NODE NAME` per VM whose kvm still runs under that PID, then `vmf:end`.
-# Exit 3 on any doubt.
+# Exit 3 on any doubt. A running VMID with no config on any node is one: at the end of a live
+# migration the config moves between the glob's per-node checks, and a VM listed without its
+# name would be unseen by a request that names it.
 _AWK_PIDFILES = (
     AWK_LIB
     + r"""
@@ -71,11 +73,11 @@ BEGIN {
     if (!vmf_pve_vm(v, RUN)) {
       print "vmf:doubt pid file of VMID " v " holds " p ", which is not its kvm: " A[1]; exit 3
     }
-    if (o == "-") { n = v }
-    else {
-      n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
-      if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
+    if (o == "-") {
+      print "vmf:doubt VMID " v " runs but has no config on any node (moving?)"; exit 3
     }
+    n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
+    if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
     print "vmf:vm " p " " v " " o " " n
   }
   print "vmf:end"
@@ -150,12 +152,11 @@ def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
     what = "proxmox listing"
     vms = []
     for match in procfs.marked_lines(text, what, _VM_LINE):
-        vmid, node = match["vmid"], match["node"]
-        config = "" if node == "-" else conf_path(node, vmid)
+        vmid = match["vmid"]
         vms.append(
             RunningVM(
                 name=check_name(what, match["name"]),
-                config_file=config,
+                config_file=conf_path(match["node"], vmid),
                 cartel=int(match["pid"]),
                 vmid=vmid,
             )

@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-ffbbaa4818bb2d52 for proxmox hosts: the only things vmfenced's key may do
+# vmfenced-host 1-c7cbcb8de2499237 for proxmox hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind proxmox`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-ffbbaa4818bb2d52
+VMF_VERSION=1-c7cbcb8de2499237
 VMF_KIND=proxmox
 VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; export VMF_PVE_NODE; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
@@ -148,11 +148,11 @@ BEGIN {
     if (!vmf_pve_vm(v, RUN)) {
       print "vmf:doubt pid file of VMID " v " holds " p ", which is not its kvm: " A[1]; exit 3
     }
-    if (o == "-") { n = v }
-    else {
-      n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
-      if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
+    if (o == "-") {
+      print "vmf:doubt VMID " v " runs but has no config on any node (moving?)"; exit 3
     }
+    n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
+    if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
     print "vmf:vm " p " " v " " o " " n
   }
   print "vmf:end"
