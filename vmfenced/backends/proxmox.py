@@ -89,6 +89,12 @@ BEGIN {
 _ENV = 'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH'
 
 
+def _short_hostname(var: str) -> str:
+    """Sets `var` to the host's node name: its hostname up to the first dot, as Proxmox's
+    `PVE::INotify::nodename` has it."""
+    return f"{var}=$(uname -n 2>/dev/null); {var}=${{{var}%%.*}}"
+
+
 def setup(libvirt_uri: str) -> str:
     """The helper's setup (the URI is not used): the node name is the host's own, its hostname
     up to the first dot as Proxmox's `PVE::INotify::nodename` has it, never a requester's
@@ -96,16 +102,22 @@ def setup(libvirt_uri: str) -> str:
     authorized_keys, names one path), and the daemon checks the name in the hello handshake
     against the entry's `pve_node` (docs/host-helper.md). C locale: byte-exact names."""
     del libvirt_uri
-    return (
-        "VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; "
-        f"export VMF_PVE_NODE; {_ENV}"
-    )
+    return f"{_short_hostname('VMF_PVE_NODE')}; export VMF_PVE_NODE; {_ENV}"
 
 
 def session_setup(host: HostConfig) -> str:
-    """Shell mode: the node name selects this node's configs; C locale: byte lengths,
-    byte-exact names."""
-    return f"VMF_PVE_NODE={shlex.quote(host.node or host.name)}; export VMF_PVE_NODE; {_ENV}"
+    """Shell mode: the node name selects this node's configs, once per session. It must be the
+    host's own (`/etc/pve/nodes/<node>` exists on every node of the cluster): otherwise it is
+    cleared, with the reason in VMF_PVE_WHY, and the listing and power-on fail. C locale: byte
+    lengths, byte-exact names."""
+    node = shlex.quote(host.node or "")
+    return (
+        f"VMF_PVE_NODE={node}; {_short_hostname('VMF_PVE_HOST')}; VMF_PVE_WHY=; "
+        '[ "$VMF_PVE_HOST" = "$VMF_PVE_NODE" ] || { '
+        'VMF_PVE_WHY="pve_node $VMF_PVE_NODE does not match the host (uname -n: $VMF_PVE_HOST)"; '
+        "VMF_PVE_NODE=; }; export VMF_PVE_NODE VMF_PVE_WHY; "
+        f"{_ENV}"
+    )
 
 
 def pidfile_listing(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
@@ -122,7 +134,8 @@ def pidfile_function(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> ShFuncti
     program = shlex.quote(awk(_AWK_PIDFILES, run_dir, pve_dir))
     body = f"""vmf_pl() {{
   [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
-  case ${{VMF_PVE_NODE:-}} in ''|*/*|.*) echo "vmf:doubt no Proxmox node name"; return 3;; esac
+  case ${{VMF_PVE_NODE:-}} in ''|*/*|.*)
+    echo "vmf:doubt no Proxmox node name${{VMF_PVE_WHY:+: $VMF_PVE_WHY}}"; return 3;; esac
   [ -d {pve}/nodes/"$VMF_PVE_NODE" ] || {{
     echo "vmf:doubt no {pve_dir}/nodes/$VMF_PVE_NODE: /etc/pve not mounted or not that node"
     return 3; }}

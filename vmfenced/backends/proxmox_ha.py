@@ -134,6 +134,8 @@ def power_on_function(
     body = f"""vmf_on() {{
   VMF_VMID=$1; VMF_NAME=$2; export VMF_VMID
   case $VMF_VMID in ''|*[!0-9]*|0*) echo "vmf:refused not a VMID"; return 1;; esac
+  case ${{VMF_PVE_NODE:-}} in ''|*/*|.*)
+    echo "vmf:refused no Proxmox node name${{VMF_PVE_WHY:+: $VMF_PVE_WHY}}"; return 1;; esac
   vmf_c={pve}/nodes/"$VMF_PVE_NODE"/qemu-server/"$VMF_VMID".conf
   [ -f "$vmf_c" ] || {{
     echo "vmf:refused VMID $VMF_VMID has no config on $VMF_PVE_NODE (moved or destroyed)"

@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-c7cbcb8de2499237 for proxmox hosts: the only things vmfenced's key may do
+# vmfenced-host 1-37cb12fb56e9703b for proxmox hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind proxmox`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-c7cbcb8de2499237
+VMF_VERSION=1-37cb12fb56e9703b
 VMF_KIND=proxmox
 VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; export VMF_PVE_NODE; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
@@ -60,7 +60,8 @@ vmf_str() {
 }
 vmf_pl() {
   [ -r /proc/1/stat ] || { echo "vmf:doubt /proc hides processes"; return 3; }
-  case ${VMF_PVE_NODE:-} in ''|*/*|.*) echo "vmf:doubt no Proxmox node name"; return 3;; esac
+  case ${VMF_PVE_NODE:-} in ''|*/*|.*)
+    echo "vmf:doubt no Proxmox node name${VMF_PVE_WHY:+: $VMF_PVE_WHY}"; return 3;; esac
   [ -d /etc/pve/nodes/"$VMF_PVE_NODE" ] || {
     echo "vmf:doubt no /etc/pve/nodes/$VMF_PVE_NODE: /etc/pve not mounted or not that node"
     return 3; }
@@ -340,6 +341,8 @@ vmf_pk() {
 vmf_on() {
   VMF_VMID=$1; VMF_NAME=$2; export VMF_VMID
   case $VMF_VMID in ''|*[!0-9]*|0*) echo "vmf:refused not a VMID"; return 1;; esac
+  case ${VMF_PVE_NODE:-} in ''|*/*|.*)
+    echo "vmf:refused no Proxmox node name${VMF_PVE_WHY:+: $VMF_PVE_WHY}"; return 1;; esac
   vmf_c=/etc/pve/nodes/"$VMF_PVE_NODE"/qemu-server/"$VMF_VMID".conf
   [ -f "$vmf_c" ] || {
     echo "vmf:refused VMID $VMF_VMID has no config on $VMF_PVE_NODE (moved or destroyed)"
