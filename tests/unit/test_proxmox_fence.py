@@ -106,7 +106,10 @@ async def test_off_kills_first_then_asks_ha_to_keep_it_stopped(name: str) -> Non
     cluster = Cluster({"pve1": [running_web()]}, (web(),))
     result, _ = await fencer(cluster).fence(name, "off")
     assert (result.outcome, result.host, result.cartel) == ("killed", "pve1", 4242)
-    assert result.ha == "stop-accepted" and result.warning is None
+    # The stop is only queued: the HA stack may start the VM once before the CRM's round.
+    assert result.ha == "stop-accepted" and result.warning is not None
+    assert "queued: the HA stack may start it once before its next round" in result.warning
+    assert "keep Pacemaker's node VMs out of Proxmox HA" in result.warning
     # The kill never waits for the HA command: it comes last, on the VM's host.
     assert cluster.calls.index(("kill+list", "pve1")) < cluster.calls.index(("hold-off", "pve1"))
     assert cluster.calls[-1] == ("hold-off", "pve1")
@@ -147,6 +150,7 @@ async def test_already_off_asks_ha_on_the_owner() -> None:
     cluster = Cluster({}, (web("pve2"),), ha_answer="vmf:ha not-managed\n")
     result, _ = await fencer(cluster).fence("web", "off")
     assert result.outcome == "already_off" and result.ha == "not-managed"
+    assert result.warning is None
     assert cluster.calls[-1] == ("hold-off", "pve2")
 
 
