@@ -201,7 +201,7 @@ KILL = kill_function()
 
 
 def kill_args(vm: RunningVM, budget: float) -> tuple[Arg, ...]:
-    if vm.vmid is None or not VMID_RE.match(vm.vmid):
+    if vm.vmid is None or not VMID_RE.fullmatch(vm.vmid):
         raise ParseError("proxmox kill", f"{vm.name!r} has no VMID")
     return (vm.vmid, vm.cartel, procfs.kill_tries(budget))
 

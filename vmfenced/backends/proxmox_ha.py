@@ -62,7 +62,7 @@ BEGIN {
 
 
 def hold_off_command(vmid: str, pve_dir: str = PVE_DIR, timeout: float = HA_TIMEOUT) -> str:
-    if not VMID_RE.match(vmid):
+    if not VMID_RE.fullmatch(vmid):
         raise ParseError("proxmox HA stop", f"not a VMID: {vmid!r}")
     return hold_off_function(pve_dir, timeout).call(vmid)
 
@@ -109,7 +109,7 @@ def parse_hold_off(text: str) -> HoldOff:
 
 
 def power_on_args(vm: RegisteredVM) -> tuple[Arg, ...]:
-    if not VMID_RE.match(vm.vmid):
+    if not VMID_RE.fullmatch(vm.vmid):
         raise ParseError("proxmox power-on", f"not a VMID: {vm.vmid!r}")
     return (vm.vmid, vm.name)
 
