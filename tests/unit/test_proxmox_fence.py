@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Literal, cast
 
 import pytest
 
 from vmfenced.backends.registry import BACKENDS
 from vmfenced.clients.ctl import render_fence, render_status
-from vmfenced.config import HostConfig
+from vmfenced.config import HostConfig, SSHConfig
 from vmfenced.daemon.api import Api
 from vmfenced.daemon.fence import Fencer
 from vmfenced.daemon.host import Host
+from vmfenced.daemon.link import CommandResult
 from vmfenced.errors import FenceFailed
 from vmfenced.model import HostInventory, KillOutcome, LinkState, RegisteredVM, RunningVM, VMMap
 
@@ -204,3 +205,27 @@ def test_status_shows_each_cluster_vm_once_at_its_owner_and_the_missing_nodes() 
     rows = sorted((v["name"], v["host"], v["state"]) for v in status["vms"])
     assert rows == [("db", "pve2", "off"), ("lost", "pve9", "unknown"), ("web", "pve1", "on")]
     assert status["missing_nodes"] == [{"node": "pve9", "vms": ["102"]}]
+
+
+class RecordingLane:
+    def __init__(self, name: str, runs: list[tuple[str, str]]) -> None:
+        self.name, self.runs = name, runs
+
+    async def run(self, command: str, _timeout: float) -> CommandResult:
+        self.runs.append((self.name, command))
+        return CommandResult(0, "vmf:ha not-managed\n", 0.0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["shell", "helper"])
+async def test_the_hold_off_runs_on_the_inventory_lane(mode: Literal["shell", "helper"]) -> None:
+    """ha-manager may hang for its whole bound without quorum: never on the fence lane, where
+    it would hold up the other fences that need this node's listing."""
+    config = HostConfig(name="pve1", address="192.0.2.1", kind="proxmox")
+    host = Host(config, SSHConfig(mode=mode), BACKENDS["proxmox"], [], lambda _h, _l: None)
+    runs: list[tuple[str, str]] = []
+    host.fence = cast(Any, RecordingLane("fence", runs))
+    host.inventory = cast(Any, RecordingLane("inventory", runs))
+    assert await host.hold_off("100", 10.0) == "vmf:ha not-managed\n"
+    assert [lane for lane, _ in runs] == ["inventory"]
+    assert "100" in runs[0][1]
