@@ -402,7 +402,11 @@ def test_power_on_of_an_ha_vm_goes_through_the_ha_stack(tree: Tree, tmp_path: Pa
     reg = RegisteredVM("100", "web", "", owner="pve1")
     status, out = power_on(tree, bin_dir, reg, wait=0.3)
     assert status == 1 and "did not start VMID 100" in out
+    # A stale pid file whose PID now runs another program: not the VM started.
+    (tree.run / "100.pid").write_text(f"{os.getpid()}\n")
+    status, out = power_on(tree, bin_dir, reg, wait=0.3)
+    assert status == 1 and "did not start VMID 100" in out
     tree.kvm(100)  # the HA stack started it
     status, out = power_on(tree, bin_dir, reg)
     assert status == 0, out
-    assert (bin_dir / "run" / "calls").read_text() == "set vm:100 --state started\n" * 2
+    assert (bin_dir / "run" / "calls").read_text() == "set vm:100 --state started\n" * 3

@@ -31,6 +31,7 @@ from vmfenced.backends.proxmox_cluster import (
     VMID,
     VMID_RE,
     awk,
+    check_program,
     conf_path,
     parse_registered,
     registered_function,
@@ -178,11 +179,6 @@ def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
     if len(set(vmids)) != len(vmids):
         raise ParseError(what, "a VMID is listed twice")
     return tuple(vms)
-
-
-def check_program(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
-    """The guarded kill's judge of one PID: the kvm of ENVIRON["VMF_VMID"]."""
-    return awk(procfs.check_awk(AWK_LIB, 'vmf_pve_vm(ENVIRON["VMF_VMID"], RUN)'), run_dir, pve_dir)
 
 
 def kill_function(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> ShFunction:

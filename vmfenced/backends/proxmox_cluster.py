@@ -96,6 +96,12 @@ def awk(program: str, run_dir: str, pve_dir: str) -> str:
     return head + program
 
 
+def check_program(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
+    """The judge of one PID (ARGV[1]): the kvm of ENVIRON["VMF_VMID"] (procfs.check_awk: exit
+    10 when it is). The guarded kill's guard, and the HA power-on's wait."""
+    return awk(procfs.check_awk(AWK_LIB, 'vmf_pve_vm(ENVIRON["VMF_VMID"], RUN)'), run_dir, pve_dir)
+
+
 def registered_command(pve_dir: str = PVE_DIR) -> str:
     return registered_function(pve_dir).call()
 
@@ -114,9 +120,6 @@ def registered_function(pve_dir: str = PVE_DIR) -> ShFunction:
 
 def conf_path(node: str, vmid: str, pve_dir: str = PVE_DIR) -> str:
     return f"{pve_dir}/nodes/{node}/qemu-server/{vmid}.conf"
-
-
-# -- kill, HA, power-on --------------------------------------------------------------------------
 
 
 # -- registrations: framed by byte lengths, then parsed strictly ------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 
 from vmfenced.backends import Arg, ShFunction
-from vmfenced.backends.proxmox_cluster import AWK_LIB, PVE_DIR, RUN_DIR, VMID_RE
+from vmfenced.backends.proxmox_cluster import AWK_LIB, PVE_DIR, RUN_DIR, VMID_RE, check_program
 from vmfenced.backends.text import split_lines
 from vmfenced.errors import ParseError
 from vmfenced.model import HOLD_OUTCOMES, HoldOff, RegisteredVM
@@ -125,11 +125,13 @@ def power_on_function(
 ) -> ShFunction:
     """`vmf_on VMID NAME` on the owner node: `qm start VMID`, or for an HA-managed VM
     `ha-manager set vm:VMID --state started` (HA would refuse a start behind its back) and a
-    wait for its pid file.
+    wait until its pid file names its kvm (the listing's check: a stale pid file whose PID now
+    runs another program does not end the wait).
 
     In the same command, the config must still be on this node and name this VM: a VMID can
     be destroyed and reused, or the VM moved, since the registrations were read."""
     pve, run = shlex.quote(pve_dir), shlex.quote(run_dir)
+    check = shlex.quote(check_program(run_dir, pve_dir))
     tries = max(1, int(wait / 0.1))
     body = f"""vmf_on() {{
   VMF_VMID=$1; VMF_NAME=$2; export VMF_VMID
@@ -159,7 +161,10 @@ def power_on_function(
   while [ "$vmf_i" -lt {tries} ]; do
     vmf_p=
     {{ read -r vmf_p < {run}/"$VMF_VMID".pid; }} 2>/dev/null
-    case $vmf_p in ''|*[!0-9]*) ;; *) [ -e "/proc/$vmf_p" ] && return 0;; esac
+    case $vmf_p in
+      ''|*[!0-9]*|0*) ;;
+      *) LC_ALL=C awk {check} "$vmf_p" >/dev/null 2>&1; [ "$?" -eq 10 ] && return 0;;
+    esac
     vmf_i=$((vmf_i + 1))
     sleep 0.1 2>/dev/null || sleep 1
   done
