@@ -74,12 +74,12 @@ def test_pve_node_only_for_proxmox_and_once() -> None:
 
 def test_listing_lines() -> None:
     vms = pve.parse_vm_lines(
-        "vmf:vm 4242 100 pve1 webmail\nvmf:vm 77 8006 - 8006\n"
+        "vmf:vm 4242 100 pve1 webmail\nvmf:vm 77 8006 pve1 vm8006\n"
         "vmf:vm 90 101 pve2 a 'quoted' \"name\" vmf:end\nvmf:end\n"
     )
     assert vms == (
         RunningVM("webmail", "/etc/pve/nodes/pve1/qemu-server/100.conf", 4242, vmid="100"),
-        RunningVM("8006", "", 77, vmid="8006"),
+        RunningVM("vm8006", "/etc/pve/nodes/pve1/qemu-server/8006.conf", 77, vmid="8006"),
         RunningVM(
             "a 'quoted' \"name\" vmf:end",
             "/etc/pve/nodes/pve2/qemu-server/101.conf",
@@ -87,6 +87,12 @@ def test_listing_lines() -> None:
             vmid="101",
         ),
     )
+
+
+def test_a_vm_without_a_config_node_is_not_a_listing_line() -> None:
+    """A VM listed under its VMID only would be unseen by a request naming it."""
+    with pytest.raises(ParseError):
+        pve.parse_vm_lines("vmf:vm 77 8006 - 8006\nvmf:end\n")
 
 
 @pytest.mark.parametrize("brk", LINE_BREAKS, ids=lambda c: f"U+{ord(c):04X}")
@@ -180,6 +186,9 @@ DUP_NODE = '{"version": 7, "ids": {"100": {"node": "pve1", "node": "pve2", "type
         ('{"version": 7, "ids": []}', "ids is not an object"),
         ('{"version": 7, "extra": 1}', "not an object of version and ids"),
         ('{"version": 7, "ids": {"x1": {}}}', "not a VMID"),
+        # `$` would accept a trailing line feed.
+        ('{"version": 7, "ids": {"12\\n": {"node": "a", "type": "qemu", "version": 1}}}', "VMID"),
+        ('{"version": 7, "ids": {"12": {"node": "pve1\\n", "type": "qemu", "version": 1}}}', "no"),
         ('{"version": 7, "ids": {"100": {"node": "pve1", "type": "qemu"}}}', "not node, type"),
         ('{"version": 7, "ids": {"100": {"node": 1, "type": "qemu", "version": 1}}}', "no node"),
         (
@@ -218,6 +227,8 @@ def test_vmlist_is_parsed_strictly(vmlist: str, match: str) -> None:
         ("vmf:doubt no /etc/pve/nodes: /etc/pve not mounted\n", "unexpected"),
         ("", "incomplete"),
         (framed(VMLIST, ("pve.1/x", "100", "a")), "not understood"),
+        (framed(VMLIST, ("pve1\n", "100", "a")), "not understood"),
+        (framed(VMLIST, ("pve1", "100\n", "a")), "not understood"),
     ],
 )
 def test_registrations_refuse_what_they_cannot_read(text: str, match: str) -> None:
@@ -236,6 +247,18 @@ def test_kill_command_guards_on_the_vmid() -> None:
     assert 'RUN = "/var/run/qemu-server"' in command
     with pytest.raises(ParseError, match="no VMID"):
         pve.kill_command(RunningVM("web", "", 4242), 2.0)
+
+
+def test_a_trailing_line_feed_is_no_vmid_node_or_path() -> None:
+    assert not cluster.VMID_RE.fullmatch("12\n") and not cluster.NODE_RE.fullmatch("pve1\n")
+    with pytest.raises(ParseError, match="no VMID"):
+        pve.kill_command(RunningVM("web", "", 4242, vmid="12\n"), 2.0)
+    with pytest.raises(ParseError, match="not a VMID"):
+        ha.hold_off_command("12\n")
+    with pytest.raises(ParseError, match="not a VMID"):
+        ha.power_on_command(RegisteredVM("12\n", "web", ""))
+    with pytest.raises(ValueError, match="not a plain absolute path"):
+        cluster.awk("", "/var/run/qemu-server\n", "/etc/pve")
 
 
 def test_hold_off_command_is_a_hard_stop_through_the_crm() -> None:

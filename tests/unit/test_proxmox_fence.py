@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Literal, cast
 
 import pytest
 
 from vmfenced.backends.registry import BACKENDS
 from vmfenced.clients.ctl import render_fence, render_status
-from vmfenced.config import HostConfig
+from vmfenced.config import HostConfig, SSHConfig
 from vmfenced.daemon.api import Api
 from vmfenced.daemon.fence import Fencer
 from vmfenced.daemon.host import Host
+from vmfenced.daemon.link import CommandResult
 from vmfenced.errors import FenceFailed
 from vmfenced.model import HostInventory, KillOutcome, LinkState, RegisteredVM, RunningVM, VMMap
 
@@ -106,7 +107,10 @@ async def test_off_kills_first_then_asks_ha_to_keep_it_stopped(name: str) -> Non
     cluster = Cluster({"pve1": [running_web()]}, (web(),))
     result, _ = await fencer(cluster).fence(name, "off")
     assert (result.outcome, result.host, result.cartel) == ("killed", "pve1", 4242)
-    assert result.ha == "stop-accepted" and result.warning is None
+    # The stop is only queued: the HA stack may start the VM once before the CRM's round.
+    assert result.ha == "stop-accepted" and result.warning is not None
+    assert "queued: the HA stack may start it once before its next round" in result.warning
+    assert "keep Pacemaker's node VMs out of Proxmox HA" in result.warning
     # The kill never waits for the HA command: it comes last, on the VM's host.
     assert cluster.calls.index(("kill+list", "pve1")) < cluster.calls.index(("hold-off", "pve1"))
     assert cluster.calls[-1] == ("hold-off", "pve1")
@@ -147,6 +151,7 @@ async def test_already_off_asks_ha_on_the_owner() -> None:
     cluster = Cluster({}, (web("pve2"),), ha_answer="vmf:ha not-managed\n")
     result, _ = await fencer(cluster).fence("web", "off")
     assert result.outcome == "already_off" and result.ha == "not-managed"
+    assert result.warning is None
     assert cluster.calls[-1] == ("hold-off", "pve2")
 
 
@@ -200,3 +205,27 @@ def test_status_shows_each_cluster_vm_once_at_its_owner_and_the_missing_nodes() 
     rows = sorted((v["name"], v["host"], v["state"]) for v in status["vms"])
     assert rows == [("db", "pve2", "off"), ("lost", "pve9", "unknown"), ("web", "pve1", "on")]
     assert status["missing_nodes"] == [{"node": "pve9", "vms": ["102"]}]
+
+
+class RecordingLane:
+    def __init__(self, name: str, runs: list[tuple[str, str]]) -> None:
+        self.name, self.runs = name, runs
+
+    async def run(self, command: str, _timeout: float) -> CommandResult:
+        self.runs.append((self.name, command))
+        return CommandResult(0, "vmf:ha not-managed\n", 0.0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["shell", "helper"])
+async def test_the_hold_off_runs_on_the_inventory_lane(mode: Literal["shell", "helper"]) -> None:
+    """ha-manager may hang for its whole bound without quorum: never on the fence lane, where
+    it would hold up the other fences that need this node's listing."""
+    config = HostConfig(name="pve1", address="192.0.2.1", kind="proxmox")
+    host = Host(config, SSHConfig(mode=mode), BACKENDS["proxmox"], [], lambda _h, _l: None)
+    runs: list[tuple[str, str]] = []
+    host.fence = cast(Any, RecordingLane("fence", runs))
+    host.inventory = cast(Any, RecordingLane("inventory", runs))
+    assert await host.hold_off("100", 10.0) == "vmf:ha not-managed\n"
+    assert [lane for lane, _ in runs] == ["inventory"]
+    assert "100" in runs[0][1]

@@ -31,6 +31,7 @@ from vmfenced.backends.proxmox_cluster import (
     VMID,
     VMID_RE,
     awk,
+    check_program,
     conf_path,
     parse_registered,
     registered_function,
@@ -48,12 +49,14 @@ from vmfenced.errors import ParseError
 from vmfenced.model import RunningVM
 
 _VM_LINE = re.compile(
-    rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<vmid>{VMID}) (?P<node>-|{NODE}) (?P<name>.+)$"
+    rf"^vmf:vm (?P<pid>[1-9][0-9]*) (?P<vmid>{VMID}) (?P<node>{NODE}) (?P<name>.+)$"
 )
 
 # Argument triples "PID VMID NODE" (NODE: where the VM's config lives, "-" for none); prints one
 # `vmf:vm PID VMID NODE NAME` per VM whose kvm still runs under that PID, then `vmf:end`.
-# Exit 3 on any doubt.
+# Exit 3 on any doubt. A running VMID with no config on any node is one: at the end of a live
+# migration the config moves between the glob's per-node checks, and a VM listed without its
+# name would be unseen by a request that names it.
 _AWK_PIDFILES = (
     AWK_LIB
     + r"""
@@ -71,11 +74,11 @@ BEGIN {
     if (!vmf_pve_vm(v, RUN)) {
       print "vmf:doubt pid file of VMID " v " holds " p ", which is not its kvm: " A[1]; exit 3
     }
-    if (o == "-") { n = v }
-    else {
-      n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
-      if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
+    if (o == "-") {
+      print "vmf:doubt VMID " v " runs but has no config on any node (moving?)"; exit 3
     }
+    n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
+    if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
     print "vmf:vm " p " " v " " o " " n
   }
   print "vmf:end"
@@ -87,6 +90,12 @@ BEGIN {
 _ENV = 'LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH'
 
 
+def _short_hostname(var: str) -> str:
+    """Sets `var` to the host's node name: its hostname up to the first dot, as Proxmox's
+    `PVE::INotify::nodename` has it."""
+    return f"{var}=$(uname -n 2>/dev/null); {var}=${{{var}%%.*}}"
+
+
 def setup(libvirt_uri: str) -> str:
     """The helper's setup (the URI is not used): the node name is the host's own, its hostname
     up to the first dot as Proxmox's `PVE::INotify::nodename` has it, never a requester's
@@ -94,16 +103,22 @@ def setup(libvirt_uri: str) -> str:
     authorized_keys, names one path), and the daemon checks the name in the hello handshake
     against the entry's `pve_node` (docs/host-helper.md). C locale: byte-exact names."""
     del libvirt_uri
-    return (
-        "VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; "
-        f"export VMF_PVE_NODE; {_ENV}"
-    )
+    return f"{_short_hostname('VMF_PVE_NODE')}; export VMF_PVE_NODE; {_ENV}"
 
 
 def session_setup(host: HostConfig) -> str:
-    """Shell mode: the node name selects this node's configs; C locale: byte lengths,
-    byte-exact names."""
-    return f"VMF_PVE_NODE={shlex.quote(host.node or host.name)}; export VMF_PVE_NODE; {_ENV}"
+    """Shell mode: the node name selects this node's configs, once per session. It must be the
+    host's own (`/etc/pve/nodes/<node>` exists on every node of the cluster): otherwise it is
+    cleared, with the reason in VMF_PVE_WHY, and the listing and power-on fail. C locale: byte
+    lengths, byte-exact names."""
+    node = shlex.quote(host.node or "")
+    return (
+        f"VMF_PVE_NODE={node}; {_short_hostname('VMF_PVE_HOST')}; VMF_PVE_WHY=; "
+        '[ "$VMF_PVE_HOST" = "$VMF_PVE_NODE" ] || { '
+        'VMF_PVE_WHY="pve_node $VMF_PVE_NODE does not match the host (uname -n: $VMF_PVE_HOST)"; '
+        "VMF_PVE_NODE=; }; export VMF_PVE_NODE VMF_PVE_WHY; "
+        f"{_ENV}"
+    )
 
 
 def pidfile_listing(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
@@ -120,7 +135,8 @@ def pidfile_function(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> ShFuncti
     program = shlex.quote(awk(_AWK_PIDFILES, run_dir, pve_dir))
     body = f"""vmf_pl() {{
   [ -r /proc/1/stat ] || {{ echo "vmf:doubt /proc hides processes"; return 3; }}
-  case ${{VMF_PVE_NODE:-}} in ''|*/*|.*) echo "vmf:doubt no Proxmox node name"; return 3;; esac
+  case ${{VMF_PVE_NODE:-}} in ''|*/*|.*)
+    echo "vmf:doubt no Proxmox node name${{VMF_PVE_WHY:+: $VMF_PVE_WHY}}"; return 3;; esac
   [ -d {pve}/nodes/"$VMF_PVE_NODE" ] || {{
     echo "vmf:doubt no {pve_dir}/nodes/$VMF_PVE_NODE: /etc/pve not mounted or not that node"
     return 3; }}
@@ -150,12 +166,11 @@ def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
     what = "proxmox listing"
     vms = []
     for match in procfs.marked_lines(text, what, _VM_LINE):
-        vmid, node = match["vmid"], match["node"]
-        config = "" if node == "-" else conf_path(node, vmid)
+        vmid = match["vmid"]
         vms.append(
             RunningVM(
                 name=check_name(what, match["name"]),
-                config_file=config,
+                config_file=conf_path(match["node"], vmid),
                 cartel=int(match["pid"]),
                 vmid=vmid,
             )
@@ -164,11 +179,6 @@ def parse_vm_lines(text: str) -> tuple[RunningVM, ...]:
     if len(set(vmids)) != len(vmids):
         raise ParseError(what, "a VMID is listed twice")
     return tuple(vms)
-
-
-def check_program(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
-    """The guarded kill's judge of one PID: the kvm of ENVIRON["VMF_VMID"]."""
-    return awk(procfs.check_awk(AWK_LIB, 'vmf_pve_vm(ENVIRON["VMF_VMID"], RUN)'), run_dir, pve_dir)
 
 
 def kill_function(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> ShFunction:
@@ -187,7 +197,7 @@ KILL = kill_function()
 
 
 def kill_args(vm: RunningVM, budget: float) -> tuple[Arg, ...]:
-    if vm.vmid is None or not VMID_RE.match(vm.vmid):
+    if vm.vmid is None or not VMID_RE.fullmatch(vm.vmid):
         raise ParseError("proxmox kill", f"{vm.name!r} has no VMID")
     return (vm.vmid, vm.cartel, procfs.kill_tries(budget))
 

@@ -25,9 +25,9 @@ PVE_DIR = "/etc/pve"
 VMID = r"[1-9][0-9]{0,8}"
 # Proxmox node names are host names; anything else in a path or a .vmlist is not a node.
 NODE = r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62})"
-VMID_RE = re.compile(rf"^{VMID}$")
-NODE_RE = re.compile(rf"^{NODE}$")
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9/._-]*$")
+VMID_RE = re.compile(rf"\A{VMID}\Z")
+NODE_RE = re.compile(rf"\A{NODE}\Z")
+_SAFE_PATH = re.compile(r"\A/[A-Za-z0-9/._-]*\Z")
 
 # vmf_pve_vm: whether the argv in A[] is the kvm of VMID v whose pid file lives in `run`
 # (qemu-server's parse_cmdline + instance_running_locally). vmf_conf_name: the name in the
@@ -85,7 +85,7 @@ BEGIN {
 
 
 def _literal(path: str) -> str:
-    if not _SAFE_PATH.match(path):
+    if not _SAFE_PATH.fullmatch(path):
         raise ValueError(f"not a plain absolute path: {path!r}")
     return path
 
@@ -94,6 +94,12 @@ def awk(program: str, run_dir: str, pve_dir: str) -> str:
     """The program with its root paths set (tests run it against a temporary tree)."""
     head = f'BEGIN {{ RUN = "{_literal(run_dir)}"; PVE = "{_literal(pve_dir)}" }}\n'
     return head + program
+
+
+def check_program(run_dir: str = RUN_DIR, pve_dir: str = PVE_DIR) -> str:
+    """The judge of one PID (ARGV[1]): the kvm of ENVIRON["VMF_VMID"] (procfs.check_awk: exit
+    10 when it is). The guarded kill's guard, and the HA power-on's wait."""
+    return awk(procfs.check_awk(AWK_LIB, 'vmf_pve_vm(ENVIRON["VMF_VMID"], RUN)'), run_dir, pve_dir)
 
 
 def registered_command(pve_dir: str = PVE_DIR) -> str:
@@ -114,9 +120,6 @@ def registered_function(pve_dir: str = PVE_DIR) -> ShFunction:
 
 def conf_path(node: str, vmid: str, pve_dir: str = PVE_DIR) -> str:
     return f"{pve_dir}/nodes/{node}/qemu-server/{vmid}.conf"
-
-
-# -- kill, HA, power-on --------------------------------------------------------------------------
 
 
 # -- registrations: framed by byte lengths, then parsed strictly ------------------------------
@@ -185,7 +188,7 @@ def parse_registered(text: str) -> tuple[RegisteredVM, ...]:
         vmid = _decode(frames.take(int(match[2])))
         name = _decode(frames.take(int(match[3])))
         frames.newline()
-        if not NODE_RE.match(node) or not VMID_RE.match(vmid):
+        if not NODE_RE.fullmatch(node) or not VMID_RE.fullmatch(vmid):
             raise ParseError(_REGISTERED, f"config path not understood: {node!r}, {vmid!r}")
         if vmid in confs:
             raise ParseError(
@@ -253,12 +256,12 @@ def parse_vmlist(text: str) -> dict[str, str]:
         raise ParseError(_REGISTERED, ".vmlist: ids is not an object")
     owners = {}
     for vmid, entry in ids.items():
-        if not VMID_RE.match(vmid):
+        if not VMID_RE.fullmatch(vmid):
             raise ParseError(_REGISTERED, f".vmlist: {vmid!r:.80} is not a VMID")
         if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
             raise ParseError(_REGISTERED, f".vmlist: entry {vmid} is not node, type, version")
         node, kind = entry["node"], entry["type"]
-        if not isinstance(node, str) or not NODE_RE.match(node):
+        if not isinstance(node, str) or not NODE_RE.fullmatch(node):
             raise ParseError(_REGISTERED, f".vmlist: entry {vmid} names no node: {node!r:.80}")
         if kind not in _TYPES or not _is_int(entry["version"]):
             raise ParseError(_REGISTERED, f".vmlist: entry {vmid} has a bad type or version")

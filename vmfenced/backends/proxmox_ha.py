@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 
 from vmfenced.backends import Arg, ShFunction
-from vmfenced.backends.proxmox_cluster import AWK_LIB, PVE_DIR, RUN_DIR, VMID_RE
+from vmfenced.backends.proxmox_cluster import AWK_LIB, PVE_DIR, RUN_DIR, VMID_RE, check_program
 from vmfenced.backends.text import split_lines
 from vmfenced.errors import ParseError
 from vmfenced.model import HOLD_OUTCOMES, HoldOff, RegisteredVM
@@ -62,7 +62,7 @@ BEGIN {
 
 
 def hold_off_command(vmid: str, pve_dir: str = PVE_DIR, timeout: float = HA_TIMEOUT) -> str:
-    if not VMID_RE.match(vmid):
+    if not VMID_RE.fullmatch(vmid):
         raise ParseError("proxmox HA stop", f"not a VMID: {vmid!r}")
     return hold_off_function(pve_dir, timeout).call(vmid)
 
@@ -109,7 +109,7 @@ def parse_hold_off(text: str) -> HoldOff:
 
 
 def power_on_args(vm: RegisteredVM) -> tuple[Arg, ...]:
-    if not VMID_RE.match(vm.vmid):
+    if not VMID_RE.fullmatch(vm.vmid):
         raise ParseError("proxmox power-on", f"not a VMID: {vm.vmid!r}")
     return (vm.vmid, vm.name)
 
@@ -125,15 +125,19 @@ def power_on_function(
 ) -> ShFunction:
     """`vmf_on VMID NAME` on the owner node: `qm start VMID`, or for an HA-managed VM
     `ha-manager set vm:VMID --state started` (HA would refuse a start behind its back) and a
-    wait for its pid file.
+    wait until its pid file names its kvm (the listing's check: a stale pid file whose PID now
+    runs another program does not end the wait).
 
     In the same command, the config must still be on this node and name this VM: a VMID can
     be destroyed and reused, or the VM moved, since the registrations were read."""
     pve, run = shlex.quote(pve_dir), shlex.quote(run_dir)
+    check = shlex.quote(check_program(run_dir, pve_dir))
     tries = max(1, int(wait / 0.1))
     body = f"""vmf_on() {{
   VMF_VMID=$1; VMF_NAME=$2; export VMF_VMID
   case $VMF_VMID in ''|*[!0-9]*|0*) echo "vmf:refused not a VMID"; return 1;; esac
+  case ${{VMF_PVE_NODE:-}} in ''|*/*|.*)
+    echo "vmf:refused no Proxmox node name${{VMF_PVE_WHY:+: $VMF_PVE_WHY}}"; return 1;; esac
   vmf_c={pve}/nodes/"$VMF_PVE_NODE"/qemu-server/"$VMF_VMID".conf
   [ -f "$vmf_c" ] || {{
     echo "vmf:refused VMID $VMF_VMID has no config on $VMF_PVE_NODE (moved or destroyed)"
@@ -157,7 +161,10 @@ def power_on_function(
   while [ "$vmf_i" -lt {tries} ]; do
     vmf_p=
     {{ read -r vmf_p < {run}/"$VMF_VMID".pid; }} 2>/dev/null
-    case $vmf_p in ''|*[!0-9]*) ;; *) [ -e "/proc/$vmf_p" ] && return 0;; esac
+    case $vmf_p in
+      ''|*[!0-9]*|0*) ;;
+      *) LC_ALL=C awk {check} "$vmf_p" >/dev/null 2>&1; [ "$?" -eq 10 ] && return 0;;
+    esac
     vmf_i=$((vmf_i + 1))
     sleep 0.1 2>/dev/null || sleep 1
   done

@@ -28,6 +28,7 @@ SEARCH_ROUNDS = 3
 # command itself a little below this (backends.proxmox_ha.HA_TIMEOUT).
 HOLD_OFF_TIMEOUT = 10.0
 # What the HA stack answered that leaves the VM free to start again: a warning on the success.
+# `stop-accepted` gets a warning of its own: the stop is only queued.
 _HOLD_DOUBTS = ("stop-refused", "unknown")
 
 
@@ -191,11 +192,20 @@ class Fencer:
                 f"{hold.outcome}: {hold.detail or 'no detail'}; run `ha-manager crm-command "
                 f"stop vm:{vmid} 0` once the cluster is quorate"
             )
+        elif hold.outcome == "stop-accepted":
+            # Only queued until the CRM's next round: an LRM round before it starts the killed
+            # VM again (the bench sees it every time).
+            warning = (
+                f"off confirmed, HA stop of {vm!r} (VMID {vmid}) queued: the HA stack may "
+                "start it once before its next round; keep Pacemaker's node VMs out of "
+                "Proxmox HA"
+            )
+        if hold.outcome == "not-managed":
+            self._log.info("HA hold-off", vm=vm, host=name, outcome=hold.outcome)
+        else:
             self._log.warning(
                 "HA hold-off", vm=vm, host=name, outcome=hold.outcome, detail=hold.detail
             )
-        else:
-            self._log.info("HA hold-off", vm=vm, host=name, outcome=hold.outcome)
         return replace(result, ha=hold.outcome, warning=warning)
 
     async def vm_status(self, name: str) -> VMState:

@@ -177,11 +177,16 @@ class Host:
             raise LinkError(self.name, "inventory", f"power-on failed: {_tail(result)}")
 
     async def hold_off(self, vmid: str, timeout: float) -> str:
-        """The HA hold-off's answer (Proxmox), over the fence lane: the kill is confirmed."""
+        """The HA hold-off's answer (Proxmox), after a confirmed kill, over the inventory lane:
+        ha-manager may hang for its whole bound while the cluster has no quorum, and on the
+        fence lane it would delay every other fence that needs this node's listing (a timeout
+        there also resets the fence lane)."""
         if self.backend.hold_off is None:
-            raise LinkError(self.name, "fence", f"{self.backend.kind} hosts have no HA hold-off")
+            raise LinkError(
+                self.name, "inventory", f"{self.backend.kind} hosts have no HA hold-off"
+            )
         command = self._command(self.backend.hold_off, (vmid,), "hold-off")
-        return str((await self.fence.run(command, timeout)).output)
+        return str((await self.inventory.run(command, timeout)).output)
 
     def _command(self, function: ShFunction, args: tuple[Arg, ...], verb: str) -> str:
         """Shell text for a shell lane, or the same operation as a helper request."""

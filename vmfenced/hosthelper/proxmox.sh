@@ -1,10 +1,10 @@
 #!/bin/sh
-# vmfenced-host 1-ffbbaa4818bb2d52 for proxmox hosts: the only things vmfenced's key may do
+# vmfenced-host 1-d64e8ec399dc3a1f for proxmox hosts: the only things vmfenced's key may do
 # here (list processes and registrations, the guarded kill of one VM, power-on of one
 # registered VM). Printed by `vmfencectl host-helper --kind proxmox`: replace it with a
 # newer vmfencectl's output rather than edit it; vmfenced checks the version at every
 # connection. One request a line on stdin; anything else is refused and logged (logger).
-VMF_VERSION=1-ffbbaa4818bb2d52
+VMF_VERSION=1-d64e8ec399dc3a1f
 VMF_KIND=proxmox
 VMF_PVE_NODE=$(uname -n 2>/dev/null); VMF_PVE_NODE=${VMF_PVE_NODE%%.*}; export VMF_PVE_NODE; LC_ALL=C; export LC_ALL; PATH="$PATH:/usr/sbin:/sbin"; export PATH
 # Who this host is, in the hello answer: the libvirt URI, or the Proxmox node (its hostname).
@@ -60,7 +60,8 @@ vmf_str() {
 }
 vmf_pl() {
   [ -r /proc/1/stat ] || { echo "vmf:doubt /proc hides processes"; return 3; }
-  case ${VMF_PVE_NODE:-} in ''|*/*|.*) echo "vmf:doubt no Proxmox node name"; return 3;; esac
+  case ${VMF_PVE_NODE:-} in ''|*/*|.*)
+    echo "vmf:doubt no Proxmox node name${VMF_PVE_WHY:+: $VMF_PVE_WHY}"; return 3;; esac
   [ -d /etc/pve/nodes/"$VMF_PVE_NODE" ] || {
     echo "vmf:doubt no /etc/pve/nodes/$VMF_PVE_NODE: /etc/pve not mounted or not that node"
     return 3; }
@@ -148,11 +149,11 @@ BEGIN {
     if (!vmf_pve_vm(v, RUN)) {
       print "vmf:doubt pid file of VMID " v " holds " p ", which is not its kvm: " A[1]; exit 3
     }
-    if (o == "-") { n = v }
-    else {
-      n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
-      if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
+    if (o == "-") {
+      print "vmf:doubt VMID " v " runs but has no config on any node (moving?)"; exit 3
     }
+    n = vmf_conf_name(PVE "/nodes/" o "/qemu-server/" v ".conf", v)
+    if (n == "\n") { print "vmf:doubt cannot read the config of VMID " v " on " o; exit 3 }
     print "vmf:vm " p " " v " " o " " n
   }
   print "vmf:end"
@@ -340,6 +341,8 @@ vmf_pk() {
 vmf_on() {
   VMF_VMID=$1; VMF_NAME=$2; export VMF_VMID
   case $VMF_VMID in ''|*[!0-9]*|0*) echo "vmf:refused not a VMID"; return 1;; esac
+  case ${VMF_PVE_NODE:-} in ''|*/*|.*)
+    echo "vmf:refused no Proxmox node name${VMF_PVE_WHY:+: $VMF_PVE_WHY}"; return 1;; esac
   vmf_c=/etc/pve/nodes/"$VMF_PVE_NODE"/qemu-server/"$VMF_VMID".conf
   [ -f "$vmf_c" ] || {
     echo "vmf:refused VMID $VMF_VMID has no config on $VMF_PVE_NODE (moved or destroyed)"
@@ -434,7 +437,72 @@ BEGIN {
   while [ "$vmf_i" -lt 600 ]; do
     vmf_p=
     { read -r vmf_p < /var/run/qemu-server/"$VMF_VMID".pid; } 2>/dev/null
-    case $vmf_p in ''|*[!0-9]*) ;; *) [ -e "/proc/$vmf_p" ] && return 0;; esac
+    case $vmf_p in
+      ''|*[!0-9]*|0*) ;;
+      *) LC_ALL=C awk 'BEGIN { RUN = "/var/run/qemu-server"; PVE = "/etc/pve" }
+
+function vmf_args(p,   f, r, a, n) {
+  f = "/proc/" p "/cmdline"; n = 0
+  split("", A)
+  while ((r = (getline a < f)) > 0) A[++n] = a
+  close(f)
+  return r < 0 ? -1 : n
+}
+function vmf_stat(p,   f, s, r) {
+  f = "/proc/" p "/stat"; s = ""
+  r = (getline s < f)
+  close(f)
+  if (r <= 0) return 0
+  sub(/\n$/, "", s)
+  # comm may hold ") " itself; the fields after it never hold ")".
+  C = s
+  sub(/\) [^)]*$/, "", C); sub(/^[^(]*\(/, "", C)
+  sub(/.*\) /, "", s)
+  split(s, S, " ")
+  return 1
+}
+function vmf_dead() { return S[1] == "X" || (S[1] == "Z" && S[18] == 1) }
+function vmf_kthread() { return int(S[7] / 2097152) % 2 == 1 }
+function vmf_opt(o,   i) {
+  for (i = 1; i < vmf_n; i++) if (A[i] == o) return A[i + 1]
+  return "\n"
+}
+
+function vmf_pve_vm(v, run,   i) {
+  if (!(A[1] ~ /kvm$/ || A[1] ~ /\/qemu-[^\/]*$/)) return 0
+  if (vmf_opt("-pidfile") != run "/" v ".pid") return 0
+  i = vmf_opt("-id")
+  return i == "\n" || i == v
+}
+function vmf_conf_name(f, v,   rs, r, l, n, t) {
+  rs = RS; RS = "\n"; n = ""
+  while ((r = (getline l < f)) > 0) {
+    if (substr(l, 1, 1) == "[") break
+    if (substr(l, 1, 5) != "name:") continue
+    t = substr(l, 6); sub(/^[ \t]+/, "", t); sub(/[ \t]+$/, "", t)
+    if (t != "") n = t
+  }
+  close(f); RS = rs
+  if (r < 0) return "\n"
+  return n == "" ? "vm" v : n
+}
+
+BEGIN {
+  RS = "\0"; p = ARGV[1]
+  if (!vmf_stat(p)) exit 11
+  if (vmf_dead()) exit 11
+  vmf_n = vmf_args(p)
+  if (vmf_n < 0) exit 13
+  if (vmf_n == 0) {
+    if (!vmf_stat(p) || vmf_dead()) exit 11
+    exit 13
+  }
+  if (!(vmf_pve_vm(ENVIRON["VMF_VMID"], RUN))) exit 12
+  print S[20]
+  exit 10
+}
+' "$vmf_p" >/dev/null 2>&1; [ "$?" -eq 10 ] && return 0;;
+    esac
     vmf_i=$((vmf_i + 1))
     sleep 0.1 2>/dev/null || sleep 1
   done
